@@ -1,0 +1,309 @@
+"""The LLM engine: requests in, completions (or per-item errors) out. No Celery, SQL or buckets here."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jinja2 import TemplateError
+
+from workers.engine import EngineRun, ItemError, Metric, ProgressFn
+from workers.llm.generate import DEFAULT_PREFILL_CHUNK_TOKENS, GenerationStats, RowOutput, generate
+from workers.llm.loader import LoadedModel, load_checkpoint, resolve_dtype
+from workers.llm.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# engine options the registry may pass through LLMEngine.load(**options)
+OPTIONS: dict[str, Any] = {"prefill_chunk_tokens": DEFAULT_PREFILL_CHUNK_TOKENS}
+
+
+@dataclass
+class GenRequest:
+    prompt: str | None = None
+    messages: list[dict] | None = None  # chat: rendered with the tokenizer's chat template
+    prompt_ids: list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # all generated tokens, including a final EOS (text omits it)
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class _Item:
+    index: int  # position in the request list
+    ids: list[int]
+    params: SamplingParams
+
+
+class _ProgressError(Exception):
+    """Wraps an exception raised by the caller's progress callback so it is never retried."""
+
+
+class LLMEngine:
+    """Batched text generation on one device. Build with `load`, reuse for many `generate` calls.
+
+    `generate` never raises for a bad request: each one gets a Completion or an ItemError, in order.
+    """
+
+    kind = "llm"
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch_size: int = 32,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+    ) -> None:
+        self._loaded: LoadedModel | None = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.max_context: int = loaded.args.max_context
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.eos_ids = loaded.eos_ids
+        self.device = next(self.model.parameters()).device
+        self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_size: int = 32,
+        **options: Any,
+    ) -> LLMEngine:
+        """Load an HF checkpoint folder (safetensors only). `options`: see `OPTIONS`."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown LLM engine option(s): {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
+            )
+        opts = {**OPTIONS, **options}
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(opts["prefill_chunk_tokens"], int) or opts["prefill_chunk_tokens"] < 1:
+            raise ValueError(
+                f"prefill_chunk_tokens must be an integer >= 1, got {opts['prefill_chunk_tokens']!r}"
+            )
+        resolve_dtype(dtype)  # reject a bad dtype before the (slow) load
+        loaded = load_checkpoint(path, device=device, dtype=dtype)
+        return cls(loaded, max_batch_size=max_batch_size, prefill_chunk_tokens=opts["prefill_chunk_tokens"])
+
+    # ---- requests -> token ids ----
+
+    def _prompt_ids(self, req: GenRequest) -> list[int] | ItemError:
+        given = [name for name in ("prompt", "messages", "prompt_ids") if getattr(req, name) is not None]
+        if len(given) != 1:
+            return ItemError(
+                "invalid_request", f"give exactly one of prompt, messages, prompt_ids (got {given})"
+            )
+        if req.prompt is not None:
+            if not isinstance(req.prompt, str):
+                return ItemError("invalid_request", "prompt must be a string")
+            if not req.prompt:
+                return ItemError("empty_prompt", "prompt is empty")
+            return list(self.tokenizer(req.prompt)["input_ids"])
+        if req.messages is not None:
+            return self._chat_ids(req.messages)
+        return self._check_ids(req.prompt_ids)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int] | ItemError:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return ItemError(
+                "no_chat_template", "this model's tokenizer has no chat template; send a prompt instead"
+            )
+        if not isinstance(messages, list) or not messages:
+            return ItemError("empty_prompt", "messages is empty")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except (TemplateError, TypeError, KeyError, ValueError) as exc:  # breaks only this request
+            return ItemError("invalid_messages", f"chat template failed: {exc}")
+        # the template already holds BOS and friends, as transformers does for tokenize=True
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_ids(self, ids: Any) -> list[int] | ItemError:
+        if not isinstance(ids, list) or not ids:
+            return ItemError("empty_prompt", "prompt_ids is empty")
+        vocab = self.model.args.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            return ItemError("invalid_prompt_ids", f"prompt_ids must be integers in [0, {vocab})")
+        return list(ids)
+
+    def _prepare(self, index: int, req: GenRequest) -> _Item | ItemError:
+        if not isinstance(req.params, SamplingParams):
+            return ItemError("invalid_params", "params must be a SamplingParams")
+        try:
+            req.params.validate()
+        except ValueError as exc:
+            return ItemError("invalid_params", str(exc))
+        ids = self._prompt_ids(req)
+        if isinstance(ids, ItemError):
+            return ids
+        if not ids:
+            return ItemError("empty_prompt", "the prompt has no tokens")
+        max_tokens = req.params.max_tokens
+        if len(ids) + max_tokens > self.max_context:
+            return ItemError(
+                "prompt_too_long",
+                f"prompt has {len(ids)} tokens; with max_tokens {max_tokens} it exceeds the model's "
+                f"context of {self.max_context}",
+            )
+        return _Item(index, ids, req.params)
+
+    # ---- generation ----
+
+    def generate(self, requests: list[GenRequest], progress: ProgressFn | None = None) -> EngineRun:
+        if self._loaded is None:
+            raise RuntimeError("engine is closed")
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        outcomes: list[Any] = [None] * len(requests)
+        items: list[_Item] = []
+        for i, req in enumerate(requests):
+            prepared = self._prepare(i, req)
+            if isinstance(prepared, ItemError):
+                outcomes[i] = prepared
+            else:
+                items.append(prepared)
+        if progress is not None and len(items) < len(requests):
+            progress(len(requests) - len(items))
+
+        stats = GenerationStats()
+        # similar lengths together: less padding in prefill, rows of a batch finish closer together
+        items.sort(key=lambda it: len(it.ids))
+        for b in range(0, len(items), self.max_batch_size):
+            self._run_batch(items[b : b + self.max_batch_size], outcomes, stats, progress)
+        return EngineRun(outcomes=outcomes, metrics=self._metrics(stats, time.perf_counter() - start))
+
+    def _run_batch(
+        self, items: list[_Item], outcomes: list[Any], stats: GenerationStats, progress: ProgressFn | None
+    ) -> None:
+        """Generate one batch; on failure (e.g. out of memory) retry in halves, down to one item."""
+        reported = 0
+
+        def on_finish(n: int) -> None:
+            nonlocal reported
+            reported += n
+            if progress is not None:
+                try:
+                    progress(n)
+                except Exception as exc:
+                    raise _ProgressError() from exc
+
+        try:
+            outputs, batch_stats = generate(
+                self.model,
+                [it.ids for it in items],
+                [it.params for it in items],
+                self.eos_ids,
+                self._detokenize,
+                pad_id=self._loaded.pad_id,
+                on_finish=on_finish,
+                prefill_chunk_tokens=self.prefill_chunk_tokens,
+            )
+        except _ProgressError as exc:
+            raise exc.__cause__ from None
+        except Exception as exc:
+            log.exception("LLM batch of %d failed", len(items))
+            self._retry(items, outcomes, stats, _skip_first(progress, reported), exc)
+            return
+        stats.add(batch_stats)
+        for it, out in zip(items, outputs):
+            outcomes[it.index] = self._completion(it, out)
+
+    def _retry(
+        self,
+        items: list[_Item],
+        outcomes: list[Any],
+        stats: GenerationStats,
+        progress: ProgressFn | None,
+        exc: Exception,
+    ) -> None:
+        if len(items) == 1:
+            outcomes[items[0].index] = ItemError("generation_failed", f"{type(exc).__name__}: {exc}")
+            if progress is not None:
+                progress(1)
+            return
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(items) // 2
+        self._run_batch(items[:half], outcomes, stats, progress)
+        self._run_batch(items[half:], outcomes, stats, progress)
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _completion(item: _Item, out: RowOutput) -> Completion:
+        return Completion(
+            text=out.text,
+            token_ids=out.token_ids,
+            prompt_tokens=len(item.ids),
+            completion_tokens=len(out.token_ids),
+            finish_reason=out.finish_reason,
+        )
+
+    def _metrics(self, s: GenerationStats, wall: float) -> list[Metric]:
+        steps_per_s = s.decode_steps / s.decode_s if s.decode_s > 0 else 0.0
+        return [
+            Metric("prompt_tokens", s.prompt_tokens, "tokens"),
+            Metric("generated_tokens", s.generated_tokens, "tokens"),
+            Metric("prefill_tokens_per_s", _rate(s.prompt_tokens, s.prefill_s), "tokens/s"),
+            Metric("decode_tokens_per_s", _rate(s.decode_tokens, s.decode_s), "tokens/s"),
+            Metric("tokens_per_s", _rate(s.generated_tokens, wall), "tokens/s"),
+            Metric("wall_s", wall, "s"),
+            Metric("peak_memory_bytes", self._peak_memory(), "bytes"),
+            Metric("model_bytes", self.model_bytes, "bytes"),
+            # every decode step reads all weights once: the memory-bandwidth figure gpt-fast reports
+            Metric("bandwidth_bytes_per_s", self.model_bytes * steps_per_s, "bytes/s"),
+        ]
+
+    def _peak_memory(self) -> float:
+        if self.device.type == "cuda":
+            return float(torch.cuda.max_memory_allocated(self.device))
+        # process-lifetime peak RSS; Linux reports KiB, macOS bytes
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return float(rss if sys.platform == "darwin" else rss * 1024)
+
+    def close(self) -> None:
+        if self._loaded is None:
+            return
+        self.model.release_caches()
+        self._loaded = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def _skip_first(progress: ProgressFn | None, n: int) -> ProgressFn | None:
+    """A progress callback that drops the first `n` units (already reported by a failed attempt)."""
+    if progress is None or n == 0:
+        return progress
+    remaining = n
+
+    def wrapped(k: int) -> None:
+        nonlocal remaining
+        skip = min(k, remaining)
+        remaining -= skip
+        if k > skip:
+            progress(k - skip)
+
+    return wrapped

@@ -1,0 +1,409 @@
+"""One decoder-only Transformer for the Llama family (Llama, Mistral, Qwen2) and OPT, gpt-fast style.
+
+Static KV cache: per layer `[B, H_kv, max_seq, D]`, written at each row's own positions, so the rows of
+a batch can sit at different positions. Rows are stored *right-padded*: cache slot == token position.
+The attention mask is therefore just "key slot <= query position" per row; slots past a row's prompt
+hold padding garbage until decoding overwrites them, and no query ever reaches them before that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "opt")
+OPT_POSITION_OFFSET = 2  # OPT's learned position table starts with two unused rows (fairseq legacy)
+
+
+@dataclass
+class ModelArgs:
+    arch: str  # "llama" (whole Llama family) or "opt"
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    # Llama family
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
+    # OPT
+    pre_norm: bool = True  # OPT's do_layer_norm_before (False for opt-350m)
+    final_norm: bool = True
+    word_embed_proj_dim: int | None = None
+    norm_affine: bool = True
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
+        model_type = cfg.get("model_type")
+        if model_type in LLAMA_FAMILY:
+            return cls._from_llama_family(cfg, model_type)
+        if model_type == "opt":
+            return cls._from_opt(cfg)
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+    @classmethod
+    def _from_llama_family(cls, cfg: dict[str, Any], model_type: str) -> ModelArgs:
+        n_heads = cfg["num_attention_heads"]
+        dim = cfg["hidden_size"]
+        # transformers 5 nests RoPE settings in rope_parameters; older configs use rope_theta/rope_scaling
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported RoPE type {rope_type!r} (supported: default, linear, llama3)")
+        if rope_type == "llama3":
+            rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+        attention_bias = bool(cfg.get("attention_bias", False))
+        if model_type == "qwen2" and cfg.get("use_sliding_window"):
+            raise ValueError("qwen2 with use_sliding_window=true is not supported")
+        return cls(
+            arch="llama",
+            vocab_size=cfg["vocab_size"],
+            dim=dim,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            # Qwen2 always has q/k/v biases (and no flag for them); Llama has one flag for all four
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            hidden_act=cfg.get("hidden_act", "silu"),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_scaling=rope if rope_type != "default" else None,
+            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
+        )
+
+    @classmethod
+    def _from_opt(cls, cfg: dict[str, Any]) -> ModelArgs:
+        dim = cfg["hidden_size"]
+        n_heads = cfg["num_attention_heads"]
+        pre_norm = bool(cfg.get("do_layer_norm_before", True))
+        bias = bool(cfg.get("enable_bias", True))
+        return cls(
+            arch="opt",
+            vocab_size=cfg["vocab_size"],
+            dim=dim,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=n_heads,
+            head_dim=dim // n_heads,
+            intermediate_size=cfg["ffn_dim"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            qkv_bias=bias,
+            o_bias=bias,
+            mlp_bias=bias,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            hidden_act=cfg.get("activation_function", "relu"),
+            pre_norm=pre_norm,
+            # same rule as transformers: post-norm OPT (350m) has no final layer norm
+            final_norm=pre_norm and not cfg.get("_remove_final_layer_norm", False),
+            word_embed_proj_dim=cfg.get("word_embed_proj_dim") or dim,
+            norm_affine=bool(cfg.get("layer_norm_elementwise_affine", True)),
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embedding and LM head (OPT-350m projects 512 <-> 1024)."""
+        return self.word_embed_proj_dim or self.dim
+
+    @property
+    def max_context(self) -> int:
+        return self.max_position_embeddings
+
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
+
+
+def _activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}")
+    return _ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in float32 and cast back before the weight, as transformers does (matters for bf16)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_seq: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write k/v `[B, H, T, D]` at per-row positions `input_pos [B, T]`.
+
+        Returns the cache rows `[:B, :, :kv_len]` to attend over."""
+        b, h, _, d = k.shape
+        index = input_pos[:, None, :, None].expand(b, h, -1, d)
+        self.k[:b].scatter_(2, index, k)
+        self.v[:b].scatter_(2, index, v)
+        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+
+    def keep_rows(self, rows: Tensor, kv_len: int) -> None:
+        """Move cache rows `rows` to the front (drops finished sequences from the batch)."""
+        n = rows.numel()
+        self.k[:n, :, :kv_len] = self.k[rows, :, :kv_len]
+        self.v[:n, :, :kv_len] = self.v[rows, :, :kv_len]
+
+
+def _rope_inv_freq(args: ModelArgs) -> Tensor:
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: Tensor, s: dict[str, Any]) -> Tensor:
+    """Llama 3.1 RoPE: stretch low frequencies by `factor`, keep high ones, blend in between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    # HF checkpoints keep the "two halves" RoPE layout, so no weight permutation is needed
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: Tensor, input_pos: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        scale = None
+        if self.args.arch == "opt":
+            # OPT scales q before the product; doing the same keeps results bit-close to transformers
+            q = q * self.head_dim**-0.5
+            scale = 1.0
+        assert self.kv_cache is not None, "call setup_caches() before forward()"
+        k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1])
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (w2(act(w1 x) * w3 x)) for the Llama family; fc1 -> act -> fc2 (w1, w2) for OPT."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.act = _activation(args.hidden_act)
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.w3 = (
+            nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias) if args.arch != "opt" else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.w1(x))
+        if self.w3 is not None:
+            h = h * self.w3(x)
+        return self.w2(h)
+
+
+def _norm(args: ModelArgs) -> nn.Module:
+    if args.arch == "opt":
+        return nn.LayerNorm(args.dim, elementwise_affine=args.norm_affine)
+    return RMSNorm(args.dim, args.norm_eps)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.pre_norm = args.pre_norm
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = _norm(args)
+        self.ffn_norm = _norm(args)
+
+    def forward(
+        self, x: Tensor, input_pos: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attention(self.attention_norm(x), input_pos, mask, rope)
+            return x + self.feed_forward(self.ffn_norm(x))
+        # post-norm (OPT-350m)
+        x = self.attention_norm(x + self.attention(x, input_pos, mask, rope))
+        return self.ffn_norm(x + self.feed_forward(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.embed_dim)
+        self.pos_embeddings = (
+            nn.Embedding(args.max_position_embeddings + OPT_POSITION_OFFSET, args.dim)
+            if args.arch == "opt"
+            else None
+        )
+        needs_proj = args.embed_dim != args.dim
+        self.project_in = nn.Linear(args.embed_dim, args.dim, bias=False) if needs_proj else None
+        self.project_out = nn.Linear(args.dim, args.embed_dim, bias=False) if needs_proj else None
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = _norm(args) if args.final_norm else None
+        self.output = nn.Linear(args.embed_dim, args.vocab_size, bias=False)
+        self.tie_weights()
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+        self.rope_cos: Tensor | None = None
+        self.rope_sin: Tensor | None = None
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype, device) -> None:
+        """Allocate the static KV cache (and the RoPE table) for up to `max_batch_size` x `max_seq_length`."""
+        if max_seq_length > self.args.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_length {max_seq_length} exceeds max_position_embeddings "
+                f"{self.args.max_position_embeddings}"
+            )
+        a = self.args
+        # free the old cache first (peak memory), and keep no half-built state if allocation fails
+        self.release_caches()
+        caches = [
+            KVCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim, dtype, device)
+            for _ in self.layers
+        ]
+        if a.arch != "opt":
+            # same float32 product as transformers computes per step, so values are identical
+            freqs = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), _rope_inv_freq(a))
+            emb = torch.cat((freqs, freqs), dim=-1).to(device)
+            self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        for layer, cache in zip(self.layers, caches):
+            layer.attention.kv_cache = cache
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+
+    def release_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.rope_cos = self.rope_sin = None
+        self.max_batch_size = self.max_seq_length = -1
+
+    def keep_rows(self, rows: Tensor, kv_len: int) -> None:
+        """Compact the KV cache to the sequences in `rows` (indices into the current batch)."""
+        for layer in self.layers:
+            layer.attention.kv_cache.keep_rows(rows, kv_len)
+
+    def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
+        """`[B, 1, T, kv_len]` bool: a query at position p sees cache slots 0..p (of its own row)."""
+        slots = torch.arange(kv_len, device=input_pos.device)
+        mask = slots[None, None, :] <= input_pos[:, :, None]
+        if self.args.sliding_window:
+            mask &= slots[None, None, :] > input_pos[:, :, None] - self.args.sliding_window
+        return mask[:, None]
+
+    def forward(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor,
+        logits_index: Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        """Run `tokens [B, T]` at per-row positions `input_pos [B, T]`, updating the KV cache.
+
+        logits_index: `[B]` (or `[B, K]`) indices into T; logits are computed only there, giving
+            `[B, V]` (or `[B, K, V]`) instead of `[B, T, V]`; prefill needs one position per row,
+            and the LM head is the most expensive matmul for a small model with a big vocabulary.
+        kv_len: how many cache slots to attend over (> every position in input_pos); defaults to the
+            whole cache. The caller knows it without a device sync, and it keeps decode cost
+            proportional to the current length instead of the cache size.
+        """
+        if tokens.shape[0] > self.max_batch_size:
+            raise ValueError(
+                f"batch of {tokens.shape[0]} exceeds the KV cache's {self.max_batch_size} rows "
+                "(call setup_caches first)"
+            )
+        kv_len = kv_len or self.max_seq_length
+        mask = self._mask(input_pos, kv_len)
+        x = self.tok_embeddings(tokens)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        rope = None
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(input_pos + OPT_POSITION_OFFSET)
+        else:
+            rope = (
+                self.rope_cos[input_pos][:, None].to(x.dtype),
+                self.rope_sin[input_pos][:, None].to(x.dtype),
+            )
+        for layer in self.layers:
+            x = layer(x, input_pos, mask, rope)
+        if logits_index is not None:
+            x = self._gather_positions(x, logits_index)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return self.output(x)
+
+    @staticmethod
+    def _gather_positions(x: Tensor, index: Tensor) -> Tensor:
+        rows = torch.arange(x.shape[0], device=x.device)
+        if index.dim() == 1:
+            return x[rows, index]
+        return x[rows[:, None], index]

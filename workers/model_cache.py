@@ -1,0 +1,52 @@
+"""Engines loaded once per worker process and kept warm between chunks and jobs."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from workers.registry import ModelSpec
+
+_lock = threading.Lock()
+_engines: dict[tuple, Any] = {}
+
+
+def _key(spec: ModelSpec, device: str, overrides: dict[str, Any]) -> tuple:
+    options = {**spec.options, **overrides}
+    return (spec.engine, str(spec.path), device, tuple(sorted((k, repr(v)) for k, v in options.items())))
+
+
+def load_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None = None) -> Any:
+    options = {**spec.options, **(overrides or {})}
+    if spec.engine == "llm":
+        from workers.llm.engine import LLMEngine
+
+        return LLMEngine.load(spec.path, device=device, **options)
+    if spec.engine == "diffusion":
+        from workers.diffusion.engine import DiffusionEngine
+
+        return DiffusionEngine.load(spec.path, device=device, **options)
+    if spec.engine == "audio":
+        from workers.audio.engine import AudioEngine
+
+        return AudioEngine.load(spec.path, device=device, **options)
+    raise ValueError(f"model {spec.name!r}: unknown engine {spec.engine!r}")
+
+
+def get_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None = None) -> Any:
+    overrides = overrides or {}
+    key = _key(spec, device, overrides)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = load_engine(spec, device, overrides)
+            _engines[key] = engine
+        return engine
+
+
+def clear() -> None:
+    with _lock:
+        for engine in _engines.values():
+            close = getattr(engine, "close", None)
+            if close:
+                close()
+        _engines.clear()
