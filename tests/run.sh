@@ -29,4 +29,7 @@ fi
 # torch first: the CPU wheel 2.13.0, so that no multi-GB CUDA build is pulled by the range below
 python -c "import torch" >/dev/null 2>&1 || pip install -q torch==2.13.0
 pip install -q -e ".[test]"
+# reference implementations the parity tests compare against; k-diffusion's metadata asks for
+# torchvision (no CPU wheel here, and it would pull a CUDA torch), which its sampling code never uses
+python -c "import importlib.util as u, sys; sys.exit(u.find_spec('k_diffusion') is None)" || pip install -q --no-deps k-diffusion torchdiffeq torchsde trampoline
 exec python -m pytest -q "$@"

@@ -50,3 +50,10 @@ def test_registry_entry_with_missing_folder_is_reported(tmp_path):
     reg.write_text('[models.gone]\npath = "/does/not/exist"\n')
     with pytest.raises(UnknownModel, match="does not exist"):
         resolve_model("gone", reg)
+
+
+def test_diffusers_pipeline_folder_is_a_diffusion_model(tmp_path):
+    d = tmp_path / "cd-imagenet64"
+    (d / "unet").mkdir(parents=True)
+    (d / "model_index.json").write_text('{"_class_name": "ConsistencyModelPipeline"}')
+    assert detect_engine(d) == "diffusion"

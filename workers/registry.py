@@ -48,6 +48,8 @@ class ModelSpec:
 def detect_engine(folder: Path) -> str:
     """Tell the engine family from what a checkpoint folder holds."""
     cfg_path = folder / "config.json"
+    if (folder / "model_index.json").exists() and (folder / "unet").is_dir():
+        return "diffusion"  # a diffusers pipeline folder, as the consistency-model checkpoints ship
     if (folder / "genmill_hibiki.json").exists() or (folder / "lm_config.json").exists():
         return "audio"
     if cfg_path.exists():
