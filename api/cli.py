@@ -235,18 +235,21 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="compute dtype (engine option)")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def run(files: tuple[Path, ...], model: str, output_dir: Path | None, kind: str | None, chunk_size: int | None,
         params: tuple[str, ...], max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any,
-        stop: tuple[str, ...], device: str, dtype: str | None, as_json: bool, quiet: bool) -> None:
+        stop: tuple[str, ...], device: str, dtype: str | None, threads: int | None, as_json: bool,
+        quiet: bool) -> None:
     """Run a job in this process: no servers, SQLite and a local bucket folder (GENMILL_HOME)."""
     from api.views import job_view
     from tasks.embedded import run_job
     from tasks.flow import open_services
-    from workers.device import pin_device
+    from workers.device import pin_device, set_threads
 
     torch_device = pin_device(device)
+    set_threads(threads)
     svc = open_services(migrate=True)
     data, kind = _input_for(files, kind, svc.bucket, "local")
     overrides = {"dtype": dtype} if dtype else {}
@@ -390,14 +393,15 @@ def list_jobs(state: str | None, limit: int, api_url: str | None, api_key: str |
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--no-warm", is_flag=True, help="load models on first use instead of at start-up")
 @click.option("--name", default=None, help="worker node name (default genmill-DEVICE@HOST)")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (split the cores between CPU workers)")
 def worker(device: str, models_flag: bool, models: tuple[str, ...], dtype: str | None, loglevel: str,
-           no_warm: bool, name: str | None) -> None:
+           no_warm: bool, name: str | None, threads: int | None) -> None:
     """Start a worker pinned to DEVICE serving MODELS: genmill worker --device cuda:1 --models a b"""
     from tasks.worker_main import start_worker
 
     names = [m for arg in models for m in arg.split(",") if m]
     start_worker(device, names, engine_overrides={"dtype": dtype} if dtype else {}, loglevel=loglevel,
-                 warm=not no_warm, name=name)
+                 warm=not no_warm, name=name, threads=threads)
 
 
 @main.command()
@@ -454,7 +458,26 @@ def demo(ctx: click.Context, folder: Path | None, output_dir: Path, as_json: boo
     example = Path(__file__).parent / "data" / "example_prompts.jsonl"
     ctx.invoke(run, files=(example,), model=str(folder), output_dir=output_dir, kind=None, chunk_size=None,
                params=(), max_tokens=24, temperature=None, top_p=None, top_k=None, seed=1234, stop=(),
-               device="cpu", dtype=None, as_json=as_json, quiet=False)
+               device="cpu", dtype=None, threads=None, as_json=as_json, quiet=False)
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--mode", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="int8: per output channel; int4: group-wise along the input dim")
+@click.option("--group-size", type=int, default=64, show_default=True, help="int4 group size (32, 64 or 128)")
+def quantize(source: Path, dest: Path, mode: str, group_size: int) -> None:
+    """Write a weight-only int8/int4 copy of an HF checkpoint folder (safetensors in and out)."""
+    from workers.llm.quantize import quantize_checkpoint
+
+    if dest.exists() and any(dest.iterdir()):
+        raise click.ClickException(f"{dest} exists and is not empty")
+    try:
+        sidecar = quantize_checkpoint(source, dest, mode, group_size=group_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{mode} checkpoint written to {dest} ({len(sidecar.get('modules', []))} layers quantized)")
 
 
 if __name__ == "__main__":

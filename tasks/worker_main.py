@@ -9,13 +9,15 @@ import logging
 import socket
 from typing import Any
 
-from workers.device import pin_device
+from workers.device import pin_device, set_threads
 from workers.registry import resolve_model
 
 
 def start_worker(device: str, models: list[str], *, engine_overrides: dict[str, Any] | None = None,
-                 loglevel: str = "info", warm: bool = True, name: str | None = None) -> None:
+                 loglevel: str = "info", warm: bool = True, name: str | None = None,
+                 threads: int | None = None) -> None:
     torch_device = pin_device(device)  # before anything imports torch
+    set_threads(threads)
     from tasks.settings import get_settings
     from tasks.worker_tasks import app, runtime
     from workers import model_cache

@@ -64,7 +64,8 @@ def service(tmp_path, redis_url, postgres_server, tiny_llama):
         return log
 
     start(["api", "--port", str(port)], "api")
-    worker_logs = [start(["worker", "--device", "cpu", "--name", f"w{i}@test", "--models", "tiny"], f"w{i}")
+    worker_logs = [start(["worker", "--device", "cpu", "--threads", "1", "--name", f"w{i}@test",
+                                  "--models", "tiny"], f"w{i}")
                    for i in (1, 2)]
     try:
         client = Client(f"http://127.0.0.1:{port}", "test-key")

@@ -159,3 +159,18 @@ def test_flow_on_an_s3_bucket(tmp_path, s3_endpoint, tiny_llama):
     assert job.state == "completed" and (job.completed, job.failed) == (7, 0)
     assert [o["custom_id"] for o in read_jsonl(svc, job.output_key)] == [f"line-{i}" for i in range(1, 8)]
     assert job.output_key.startswith("jobs/") and svc.bucket.exists(job.output_key)
+
+
+def test_job_past_its_completion_window_expires_keeping_finished_work(svc, tiny_llama):
+    from datetime import datetime, timedelta, timezone
+
+    data = "\n".join(f"prompt {i}" for i in range(16)).encode()
+    d = InlineDispatcher()
+    job = submit_job(svc, d, model=str(tiny_llama), input_bytes=data, params={"max_tokens": 3}, chunk_size=8)
+    assert execute_chunk(svc, job.id, 0) == "done"
+    repo.update_job(svc.db, job.id, expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
+    assert execute_chunk(svc, job.id, 1) == "skipped"  # the window passed before chunk 1 ran
+    final = repo.get_job(svc.db, job.id)
+    assert final.state == "expired"
+    assert (final.completed, final.failed) == (8, 0)
+    assert len(read_jsonl(svc, final.output_key)) == 8

@@ -34,3 +34,15 @@ def pin_device(device: str) -> str:
             raise RuntimeError("CUDA was initialised before the worker pinned its device")
     os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
     return "cuda:0"  # the one visible device
+
+
+def set_threads(threads: int | None) -> None:
+    """Intra-op threads for this process. Two workers on one CPU should split its cores, or each
+    slows the other far more than half (oversubscribed BLAS threads spin against each other)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

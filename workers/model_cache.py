@@ -18,6 +18,14 @@ def _key(spec: ModelSpec, device: str, overrides: dict[str, Any]) -> tuple:
 def load_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None = None) -> Any:
     options = {**spec.options, **(overrides or {})}
     if spec.engine == "llm":
+        if "offload" in options:  # a FlexLLMGen policy: weights/cache split over device, CPU and disk
+            from workers.llm.offload import OffloadedLLMEngine
+
+            return OffloadedLLMEngine.load(spec.path, device=device, **options)
+        if "draft_model" in options:  # speculative decoding: a small draft proposes, the target checks
+            from workers.llm.speculative import SpeculativeLLMEngine
+
+            return SpeculativeLLMEngine.load(spec.path, device=device, **options)
         from workers.llm.engine import LLMEngine
 
         return LLMEngine.load(spec.path, device=device, **options)
