@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # a redelivered chunk (worker lost, visibility timeout) runs at most this many times
     max_attempts: int = Field(default=3, ge=1)
     # must exceed the longest chunk, or Redis hands a running chunk to a second worker
-    visibility_timeout: int = Field(default=6 * 3600, ge=60)
+    visibility_timeout: int = Field(default=6 * 3600, ge=1)
     completion_window_hours: float = Field(default=24.0, gt=0)
 
     # "key:owner,key2:owner2"; an empty value disables auth (the embedded API on localhost only)

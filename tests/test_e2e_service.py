@@ -44,14 +44,15 @@ def wait_for(predicate, timeout, what):
 
 
 @pytest.fixture
-def service(tmp_path, redis_url, postgres_server, tiny_llama):
+def service(tmp_path, redis_url, postgres_server, tiny_llama, request):
     postgres_url = postgres_server.create_database(f"e2e_{os.getpid()}_{time.monotonic_ns()}")
     home = tmp_path / "home"
     home.mkdir()
     (home / "models.toml").write_text(f'[models.tiny]\npath = "{tiny_llama}"\nmax_batch_size = 16\n')
     env = {**os.environ, "GENMILL_HOME": str(home), "GENMILL_DATABASE_URL": postgres_url,
            "GENMILL_BROKER_URL": redis_url, "GENMILL_BUCKET_URL": (tmp_path / "bucket").as_uri(),
-           "GENMILL_API_KEYS": "test-key:tester", "OMP_NUM_THREADS": "1"}
+           "GENMILL_API_KEYS": "test-key:tester", "OMP_NUM_THREADS": "1",
+           **getattr(request, "param", {})}
     genmill = [sys.executable, "-m", "api.cli"]
     subprocess.run([*genmill, "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
@@ -124,4 +125,70 @@ def test_prompt_file_through_api_two_workers_redis_and_postgres(service, tmp_pat
         job_tokens = c.execute(text("select value from metrics where job_id = :id and chunk_index is null "
                                     "and name = 'generated_tokens'"), {"id": job["id"]}).scalar()
         assert job_tokens == sum(o["response"]["body"]["usage"]["completion_tokens"] for o in out)
+    engine.dispose()
+
+
+@pytest.fixture
+def lone_worker(tmp_path, redis_url, postgres_server, tiny_llama):
+    """API-less set-up for the crash test: env, and a way to start workers."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models.toml").write_text(f'[models.tiny]\npath = "{tiny_llama}"\n')
+    db_url = postgres_server.create_database(f"crash_{os.getpid()}_{time.monotonic_ns()}")
+    env = {**os.environ, "GENMILL_HOME": str(home), "GENMILL_DATABASE_URL": db_url,
+           "GENMILL_BROKER_URL": redis_url.rsplit("/", 1)[0] + "/3", "GENMILL_BUCKET_URL": (tmp_path / "bucket").as_uri(),
+           "GENMILL_VISIBILITY_TIMEOUT": "4", "OMP_NUM_THREADS": "1"}
+    procs = []
+
+    def start(name):
+        log = tmp_path / f"{name}.log"
+        p = subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "--device", "cpu", "--threads", "1",
+                              "--name", f"{name}@test", "--models", "tiny"], env=env,
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        procs.append(p)
+        wait_for(lambda: "ready" in log.read_text(), 90, f"worker {name}")
+        return p
+
+    subprocess.run([sys.executable, "-m", "api.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+    yield env, start, db_url
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_a_killed_worker_loses_no_work(lone_worker, tmp_path):
+    """SIGKILL a worker in the middle of a chunk: the unacknowledged chunk comes back after the
+    visibility timeout, another worker runs it, and the output has every request exactly once."""
+    env, start, db_url = lone_worker
+    victim = start("victim")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i} about the old mill\n" for i in range(24)))
+    out = subprocess.run([sys.executable, "-m", "api.cli", "submit", str(prompts), "--model", "tiny",
+                          "--max-tokens", "200", "--temperature", "0", "--chunk-size", "8", "--json"],
+                         env=env, capture_output=True, text=True, check=True)
+    job_id = json.loads(out.stdout)["id"]
+    engine = create_engine(db_url)
+
+    def running():
+        with engine.connect() as c:
+            return c.execute(text("select count(*) from chunks where job_id = :id and state = 'running'"),
+                             {"id": job_id}).scalar() > 0
+
+    wait_for(running, 60, "a running chunk")
+    victim.kill()  # no warm shutdown: the message stays unacknowledged in Redis
+    victim.wait()
+    start("rescuer")
+    done = subprocess.run([sys.executable, "-m", "api.cli", "wait", job_id, "--json", "-q", "--timeout", "180"],
+                          env=env, capture_output=True, text=True)
+    view = json.loads(done.stdout)
+    assert view["state"] == "completed", done.stderr
+    assert view["request_counts"] == {"total": 24, "completed": 24, "failed": 0}
+    with engine.connect() as c:
+        attempts = dict(c.execute(text("select index, attempts from chunks where job_id = :id"), {"id": job_id}).all())
+    assert max(attempts.values()) == 2  # the killed chunk ran again, once
+    results = subprocess.run([sys.executable, "-m", "api.cli", "results", job_id, "--output", str(tmp_path / "r")],
+                             env=env, capture_output=True, text=True, check=True)
+    assert results.returncode == 0
+    rows = [json.loads(x) for x in (tmp_path / "r" / "output.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == [f"line-{i}" for i in range(1, 25)]
     engine.dispose()
