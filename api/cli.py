@@ -480,5 +480,27 @@ def quantize(source: Path, dest: Path, mode: str, group_size: int) -> None:
     click.echo(f"{mode} checkpoint written to {dest} ({len(sidecar.get('modules', []))} layers quantized)")
 
 
+@main.command("convert-mimi")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--moshi-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="the checkpoint's moshi-format JSON config (default: Kyutai's released Mimi)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a MimiConfig field")
+def convert_mimi_cmd(source: Path, dest: Path, moshi_config: Path | None, overrides: tuple[str, ...]) -> None:
+    """Convert moshi-format Mimi weights (as Hibiki ships them) into a transformers MimiModel folder."""
+    from safetensors import SafetensorError
+
+    from workers.audio.mimi_convert import convert_mimi
+
+    config = _collect_params(overrides)
+    if moshi_config is not None:
+        config["moshi_config"] = str(moshi_config)
+    try:
+        out = convert_mimi(source, dest, config_overrides=config)
+    except (ValueError, KeyError, OSError, SafetensorError) as e:
+        raise click.ClickException(f"{source}: not a moshi-format Mimi safetensors file ({e})") from e
+    click.echo(f"Mimi codec written to {out}")
+
+
 if __name__ == "__main__":
     main()

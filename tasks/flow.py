@@ -120,6 +120,7 @@ def submit_job(svc: Services, dispatcher: Dispatcher, *, model: str, kind: str |
         model_config = _model_config(spec) | {"max_samples": settings.max_requests_per_job}
         checked = job_kind.validate_params(dict(params or {}), model_config)
         data = _load_input(svc, job_id, job_kind, input_bytes, input_key)
+        checked["_owner"] = owner  # inputs that name bucket objects may name only the owner's uploads
         parsed = job_kind.parse(data, checked)
         if len(parsed.requests) > settings.max_requests_per_job:
             raise JobInvalid(f"the job has {len(parsed.requests)} requests; the limit is "

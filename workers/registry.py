@@ -58,6 +58,8 @@ def detect_engine(folder: Path) -> str:
         except (OSError, json.JSONDecodeError) as e:
             raise UnknownModel(f"{cfg_path}: unreadable config.json ({e})") from e
         model_type = str(cfg.get("model_type", ""))
+        if "dep_q" in cfg and "n_q" in cfg:  # a moshi-format LM config, as Hibiki ships it
+            return "audio"
         if model_type in LLM_MODEL_TYPES:
             return "llm"
         if model_type in AUDIO_MODEL_TYPES or model_type == "hibiki":
