@@ -229,7 +229,7 @@ def execute_chunk(svc: Services, job_id: str, index: int, *, device: str = "cpu"
 
     try:
         spec = resolve_model(job.model, svc.settings.registry)
-        engine = model_cache.get_engine(spec, device, engine_overrides)
+        engine = model_cache.get_engine(spec, device, engine_overrides, svc.settings.registry)
         ctx = ChunkContext(job_id=job_id, chunk_index=index, params=job.params, bucket=svc.bucket)
         result: ChunkResult = get_kind(job.kind).run_chunk(engine, requests, ctx, progress=report)
     except Exception as e:  # the engine or model load failed for the whole chunk

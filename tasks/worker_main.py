@@ -31,7 +31,7 @@ def start_worker(device: str, models: list[str], *, engine_overrides: dict[str, 
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if warm:  # load each model once, now: the first chunk should not pay for it, and a bad model fails fast
         for spec in specs:
-            model_cache.get_engine(spec, torch_device, runtime.engine_overrides)
+            model_cache.get_engine(spec, torch_device, runtime.engine_overrides, settings.registry)
     queues = sorted({spec.queue for spec in specs})
     app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--hostname={worker_name}",
                      f"--queues={','.join(queues)}", f"--loglevel={loglevel}",

@@ -174,3 +174,21 @@ def test_job_past_its_completion_window_expires_keeping_finished_work(svc, tiny_
     assert final.state == "expired"
     assert (final.completed, final.failed) == (8, 0)
     assert len(read_jsonl(svc, final.output_key)) == 8
+
+
+def test_registry_engine_options_reach_the_engine_speculative_draft_by_name(tmp_path, tiny_llama):
+    """A registry entry can name its draft model by registry name; greedy output is the target's."""
+    registry = tmp_path / "models.toml"
+    registry.write_text(f'[models.plain]\npath = "{tiny_llama}"\n\n'
+                        f'[models.fast]\npath = "{tiny_llama}"\ndraft_model = "plain"\nspeculate_k = 3\n')
+    svc = open_services(Settings(home=tmp_path / "home", registry=registry, chunk_size=4), migrate=True)
+    data = "\n".join(f"the mill by river number {i}" for i in range(6)).encode()
+    texts = {}
+    for name in ("plain", "fast"):
+        job = run_job(svc, model=name, input_bytes=data, params={"max_tokens": 8, "temperature": 0},
+                      show_progress=False)
+        assert job.state == "completed", job.error_message
+        texts[name] = [o["response"]["body"]["choices"][0]["text"] for o in read_jsonl(svc, job.output_key)]
+        metrics = {m.name for m in repo.job_metrics(svc.db, job.id) if m.chunk_index is None}
+    assert texts["fast"] == texts["plain"]
+    assert "acceptance_rate" in metrics  # the speculative engine served the second job

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
-from workers.registry import ModelSpec
+from workers.registry import ModelSpec, resolve_model
 
 _lock = threading.Lock()
 _engines: dict[tuple, Any] = {}
@@ -15,7 +16,8 @@ def _key(spec: ModelSpec, device: str, overrides: dict[str, Any]) -> tuple:
     return (spec.engine, str(spec.path), device, tuple(sorted((k, repr(v)) for k, v in options.items())))
 
 
-def load_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None = None) -> Any:
+def load_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None = None,
+                registry: Path | None = None) -> Any:
     options = {**spec.options, **(overrides or {})}
     if spec.engine == "llm":
         if "offload" in options:  # a FlexLLMGen policy: weights/cache split over device, CPU and disk
@@ -25,6 +27,9 @@ def load_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None =
         if "draft_model" in options:  # speculative decoding: a small draft proposes, the target checks
             from workers.llm.speculative import SpeculativeLLMEngine
 
+            draft = str(options["draft_model"])
+            if not Path(draft).expanduser().is_dir():  # a registry name, like --model takes
+                options["draft_model"] = str(resolve_model(draft, registry).path)
             return SpeculativeLLMEngine.load(spec.path, device=device, **options)
         from workers.llm.engine import LLMEngine
 
@@ -40,13 +45,14 @@ def load_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None =
     raise ValueError(f"model {spec.name!r}: unknown engine {spec.engine!r}")
 
 
-def get_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None = None) -> Any:
+def get_engine(spec: ModelSpec, device: str, overrides: dict[str, Any] | None = None,
+               registry: Path | None = None) -> Any:
     overrides = overrides or {}
     key = _key(spec, device, overrides)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = load_engine(spec, device, overrides)
+            engine = load_engine(spec, device, overrides, registry)
             _engines[key] = engine
         return engine
 

@@ -14,14 +14,32 @@ import torch
 from jinja2 import TemplateError
 
 from workers.engine import EngineRun, ItemError, Metric, ProgressFn
-from workers.llm.generate import DEFAULT_PREFILL_CHUNK_TOKENS, GenerationStats, RowOutput, generate
+from workers.llm.generate import (
+    COMPILE_MODES,
+    DEFAULT_PREFILL_CHUNK_TOKENS,
+    GenerationStats,
+    RowOutput,
+    StepFunctions,
+    generate,
+)
 from workers.llm.loader import LoadedModel, load_checkpoint, resolve_dtype
+from workers.llm.model import can_pack_linears, enable_decode_kernel, pack_linears
 from workers.llm.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# engine options the registry may pass through LLMEngine.load(**options)
-OPTIONS: dict[str, Any] = {"prefill_chunk_tokens": DEFAULT_PREFILL_CHUNK_TOKENS}
+DEFAULT_MAX_BATCH_TOKENS = 65536
+CACHE_SEQ_ROUND = 256  # cache lengths are rounded up to this, so later jobs reuse the cache (and graphs)
+
+# engine options the registry may pass through LLMEngine.load(**options), besides dtype and
+# max_batch_size (see LLMEngine.load)
+OPTIONS: dict[str, Any] = {
+    "prefill_chunk_tokens": DEFAULT_PREFILL_CHUNK_TOKENS,
+    "max_batch_tokens": DEFAULT_MAX_BATCH_TOKENS,
+    "compile": False,
+    "packed_linears": True,
+    "decode_kernel": True,
+}
 
 
 @dataclass
@@ -65,6 +83,10 @@ class LLMEngine:
         loaded: LoadedModel,
         max_batch_size: int = 32,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        compile: bool | str = False,
+        packed_linears: bool = True,
+        decode_kernel: bool = True,
     ) -> None:
         self._loaded: LoadedModel | None = loaded
         self.model = loaded.model
@@ -72,9 +94,16 @@ class LLMEngine:
         self.max_context: int = loaded.args.max_context
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_batch_tokens = max_batch_tokens
         self.eos_ids = loaded.eos_ids
         self.device = next(self.model.parameters()).device
         self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if packed_linears and can_pack_linears(self.model):
+            pack_linears(self.model, batch_hint=max_batch_size)
+        if decode_kernel:
+            enable_decode_kernel(self.model)
+        # compiled graphs live as long as the engine: once per worker and shape bucket, never per job
+        self.steps = StepFunctions(self.model, _compile_mode(compile))
 
     @classmethod
     def load(
@@ -85,7 +114,19 @@ class LLMEngine:
         max_batch_size: int = 32,
         **options: Any,
     ) -> LLMEngine:
-        """Load an HF checkpoint folder (safetensors only). `options`: see `OPTIONS`."""
+        """Load an HF checkpoint folder (safetensors only).
+
+        dtype: weights, activations and KV cache: "float32", "bfloat16" or "float16".
+        max_batch_size: cache rows, i.e. requests decoding together (continuous batching refills them).
+        options (see `OPTIONS`):
+          prefill_chunk_tokens: tokens per prefill forward (bounds activation memory).
+          max_batch_tokens: cache rows x cache length at most; fewer rows decode together for long
+            requests, so the KV cache stays bounded.
+          compile: False, True / "decode" (torch.compile the decode step) or "all" (also prefill).
+          packed_linears: on the CPU, run linears through oneDNN with pre-packed weights.
+          decode_kernel: on the CPU, decode steps use the fused attention kernel of
+            `workers.llm.cpu_attention` (built with g++ on first use; skipped when that fails).
+        """
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ValueError(
@@ -94,13 +135,16 @@ class LLMEngine:
         opts = {**OPTIONS, **options}
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if not isinstance(opts["prefill_chunk_tokens"], int) or opts["prefill_chunk_tokens"] < 1:
-            raise ValueError(
-                f"prefill_chunk_tokens must be an integer >= 1, got {opts['prefill_chunk_tokens']!r}"
-            )
+        for name in ("prefill_chunk_tokens", "max_batch_tokens"):
+            if not _is_int(opts[name]) or opts[name] < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {opts[name]!r}")
+        _compile_mode(opts["compile"])
+        for name in ("packed_linears", "decode_kernel"):
+            if not isinstance(opts[name], bool):
+                raise ValueError(f"{name} must be a bool, got {opts[name]!r}")  # noqa: TRY004
         resolve_dtype(dtype)  # reject a bad dtype before the (slow) load
         loaded = load_checkpoint(path, device=device, dtype=dtype)
-        return cls(loaded, max_batch_size=max_batch_size, prefill_chunk_tokens=opts["prefill_chunk_tokens"])
+        return cls(loaded, max_batch_size=max_batch_size, **opts)
 
     # ---- requests -> token ids ----
 
@@ -183,11 +227,37 @@ class LLMEngine:
             progress(len(requests) - len(items))
 
         stats = GenerationStats()
-        # similar lengths together: less padding in prefill, rows of a batch finish closer together
-        items.sort(key=lambda it: len(it.ids))
-        for b in range(0, len(items), self.max_batch_size):
-            self._run_batch(items[b : b + self.max_batch_size], outcomes, stats, progress)
+        for group in self._length_groups(items):
+            self._run_batch(group, outcomes, stats, progress)
         return EngineRun(outcomes=outcomes, metrics=self._metrics(stats, time.perf_counter() - start))
+
+    def _cache_len(self, total: int) -> int:
+        return min(self.max_context, -(-total // CACHE_SEQ_ROUND) * CACHE_SEQ_ROUND)
+
+    def _cache_rows(self, total: int) -> int:
+        """Cache rows for requests up to `total` tokens long: max_batch_size, fewer when
+        max_batch_tokens says so."""
+        return max(1, min(self.max_batch_size, self.max_batch_tokens // self._cache_len(total)))
+
+    def _rows_for(self, items: list[_Item]) -> int:
+        return min(self._cache_rows(max(_total(it) for it in items)), len(items))
+
+    def _length_groups(self, items: list[_Item]) -> list[list[_Item]]:
+        """Runs of similar prompt + max_tokens length, longest first, each at least one full batch.
+
+        Within a run, rows are refilled from its queue (continuous batching); the cache is sized for
+        the run's longest request, so short requests are not held to long requests' cache length.
+        """
+        groups: list[list[_Item]] = []
+        for it in sorted(items, key=_total, reverse=True):
+            group = groups[-1] if groups else None
+            if group is None or (
+                len(group) >= self._cache_rows(_total(group[0])) and 2 * _total(it) <= _total(group[0])
+            ):
+                groups.append([it])
+            else:
+                group.append(it)
+        return groups
 
     def _run_batch(
         self, items: list[_Item], outcomes: list[Any], stats: GenerationStats, progress: ProgressFn | None
@@ -214,6 +284,9 @@ class LLMEngine:
                 pad_id=self._loaded.pad_id,
                 on_finish=on_finish,
                 prefill_chunk_tokens=self.prefill_chunk_tokens,
+                max_batch_size=self._rows_for(items),
+                steps=self.steps,
+                cache_seq_len=self._cache_len(max(_total(it) for it in items)),
             )
         except _ProgressError as exc:
             raise exc.__cause__ from None
@@ -259,7 +332,7 @@ class LLMEngine:
 
     def _metrics(self, s: GenerationStats, wall: float) -> list[Metric]:
         steps_per_s = s.decode_steps / s.decode_s if s.decode_s > 0 else 0.0
-        return [
+        metrics = [
             Metric("prompt_tokens", s.prompt_tokens, "tokens"),
             Metric("generated_tokens", s.generated_tokens, "tokens"),
             Metric("prefill_tokens_per_s", _rate(s.prompt_tokens, s.prefill_s), "tokens/s"),
@@ -271,6 +344,9 @@ class LLMEngine:
             # every decode step reads all weights once: the memory-bandwidth figure gpt-fast reports
             Metric("bandwidth_bytes_per_s", self.model_bytes * steps_per_s, "bytes/s"),
         ]
+        if s.compile_s > 0:
+            metrics.append(Metric("compile_s", s.compile_s, "s"))
+        return metrics
 
     def _peak_memory(self) -> float:
         if self.device.type == "cuda":
@@ -287,6 +363,25 @@ class LLMEngine:
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _total(item: _Item) -> int:
+    return len(item.ids) + item.params.max_tokens
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _compile_mode(value: Any) -> str | None:
+    """compile option -> StepFunctions mode: False -> None, True -> "decode", or "decode" / "all"."""
+    if value is False:
+        return None
+    if value is True:
+        return "decode"
+    if value in COMPILE_MODES:
+        return value
+    raise ValueError(f"compile must be a bool or one of {', '.join(COMPILE_MODES)}, got {value!r}")
 
 
 def _rate(count: float, seconds: float) -> float:

@@ -1,6 +1,11 @@
 """Load an HF checkpoint folder (config.json + safetensors + tokenizer) into `workers.llm.model`.
 
 Only safetensors are read: pickle-based `.bin`/`.pt` files can run arbitrary code when loaded.
+
+A folder written by `workers.llm.quantize.quantize_checkpoint` (`genmill quantize`) carries
+`genmill_quant.json`; it loads through the same entry points. Its quantized HF projections map one to
+one onto our (unfused) wq/wk/wv/wo/w1/w2/w3 linears, which become `Int8Linear`/`Int4Linear` holding the
+saved int8/packed-int4 weights, `scales` and `zeros` as stored (no dequantize/requantize round trip).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from workers.llm.model import ModelArgs, Transformer
+from workers.llm.quantize import QUANT_SIDECAR, Int4Linear, Int8Linear, enable_fast_kernels, read_quantized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -118,6 +125,25 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors weights in {folder}")
 
 
+def _our_name(name: str, args: ModelArgs) -> str | None:
+    """`hf_to_ours`, also None for a tied LM head (the embedding is the one copy we keep)."""
+    ours = hf_to_ours(name, args.arch)
+    if ours == "output.weight" and args.tie_word_embeddings:
+        return None
+    return ours
+
+
+def _cast(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to(device)
+
+
+def _raise_unknown(unknown: list[str]) -> None:
+    if unknown:
+        raise ValueError(f"unexpected parameters in checkpoint: {', '.join(unknown[:8])}")
+
+
 def load_state_dict(
     folder: Path, args: ModelArgs, device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -127,19 +153,112 @@ def load_state_dict(
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 try:
-                    ours = hf_to_ours(name, args.arch)
+                    ours = _our_name(name, args)
                 except KeyError:
                     unknown.append(name)
                     continue
-                if ours is None or (ours == "output.weight" and args.tie_word_embeddings):
-                    continue  # tied LM head: the embedding is the one copy we keep
-                tensor = f.get_tensor(name)
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                state[ours] = tensor.to(device)
-    if unknown:
-        raise ValueError(f"unexpected parameters in checkpoint: {', '.join(unknown[:8])}")
+                if ours is not None:
+                    state[ours] = _cast(f.get_tensor(name), device, dtype)
+    _raise_unknown(unknown)
     return state
+
+
+# ---- quantized folders (genmill_quant.json) ----
+
+_QUANT_TENSORS = ("weight", "scales", "zeros")
+
+
+def is_quantized(folder: str | Path) -> bool:
+    """True for a folder written by `quantize_checkpoint` (it holds the `genmill_quant.json` sidecar)."""
+    return (Path(folder) / QUANT_SIDECAR).is_file()
+
+
+def _quantized_modules(qcfg: dict[str, Any], model: Transformer) -> dict[str, str]:
+    """HF module name -> our module name, for every module the sidecar lists as quantized."""
+    if qcfg.get("mode") not in ("int8", "int4"):
+        raise ValueError(f"unsupported quantization mode {qcfg.get('mode')!r} in {QUANT_SIDECAR}")
+    args = model.args
+    modules: dict[str, str] = {}
+    for hf_module in qcfg["modules"]:
+        try:
+            ours = hf_to_ours(f"{hf_module}.weight", args.arch)
+        except KeyError:
+            ours = None
+        module = ours.removesuffix(".weight") if ours else ""
+        if not module or not isinstance(model.get_submodule(module), nn.Linear):
+            raise ValueError(f"quantized module {hf_module!r} is not a linear layer of our {args.arch} model")
+        if module == "output" and args.tie_word_embeddings:
+            raise ValueError("a quantized LM head cannot be tied to the (full-precision) embedding")
+        modules[hf_module] = module
+    return modules
+
+
+def _install_shells(model: Transformer, modules: list[str], qcfg: dict[str, Any]) -> None:
+    """Replace our `nn.Linear`s by empty (meta) quantized layers; `load_state_dict(assign=True)` fills them."""
+    for name in modules:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        bias = lin.bias is not None
+        if qcfg["mode"] == "int8":
+            shell = Int8Linear(lin.in_features, lin.out_features, bias, device="meta")
+        else:
+            group = int(qcfg["group_size"])
+            shell = Int4Linear(lin.in_features, lin.out_features, bias, group_size=group, device="meta")
+        setattr(parent, child, shell)
+
+
+def load_quantized_state_dict(
+    folder: Path, model: Transformer, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Swap `model`'s quantized linears for Int8Linear/Int4Linear shells; return the state dict to assign.
+
+    Codes, scales and zeros keep their stored dtypes (casting fp32 int8 scales to bf16 would coarsen
+    the grid); biases, norms and embeddings are cast to `dtype` as in the fp path.
+    """
+    hf_state, qcfg = read_quantized(folder)
+    modules = _quantized_modules(qcfg, model)
+    _install_shells(model, list(modules.values()), qcfg)
+    state: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for name, tensor in hf_state.items():
+        hf_module, _, kind = name.rpartition(".")
+        if hf_module in modules and kind in _QUANT_TENSORS:
+            # a fresh (aligned) copy: safetensors' tensors can sit at unaligned offsets of one buffer,
+            # and aten._weight_int8pack_mm segfaults on such a weight (seen with torch 2.13 CPU)
+            state[f"{modules[hf_module]}.{kind}"] = tensor.to(device, copy=True)
+            continue
+        try:
+            ours = _our_name(name, model.args)
+        except KeyError:
+            unknown.append(name)
+            continue
+        if ours is not None:
+            state[ours] = _cast(tensor, device, dtype)
+    _raise_unknown(unknown)
+    return state
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the weights one forward reads: parameters plus persistent buffers (quantized layers keep
+    their codes, scales and zeros as buffers), each tensor once; the KV cache is not persistent.
+    Tensors without plain storage (meta placeholders, oneDNN-packed weights) count by shape."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(model.parameters())
+    for module in model.modules():
+        tensors += [
+            b
+            for name, b in module._buffers.items()
+            if b is not None and name not in module._non_persistent_buffers_set
+        ]
+    for t in tensors:
+        has_storage = t.layout == torch.strided and t.device.type != "meta"
+        key = t.data_ptr() if has_storage else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def build_model(folder: Path, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -147,7 +266,11 @@ def build_model(folder: Path, cfg: dict[str, Any], device: torch.device, dtype: 
     # build on "meta" so no memory is spent on random init; the checkpoint tensors are assigned as-is
     with torch.device("meta"):
         model = Transformer(args)
-    state = load_state_dict(folder, args, device, dtype)
+    quantized = is_quantized(folder)
+    if quantized:
+        state = load_quantized_state_dict(folder, model, device, dtype)
+    else:
+        state = load_state_dict(folder, args, device, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in missing if not (k == "output.weight" and args.tie_word_embeddings)]
@@ -155,6 +278,10 @@ def build_model(folder: Path, cfg: dict[str, Any], device: torch.device, dtype: 
         raise ValueError(
             f"checkpoint does not match {cfg['model_type']}: missing {missing}, unexpected {unexpected}"
         )
+    if quantized and dtype == torch.bfloat16:
+        # aten's packed int8/int4 matmuls (each kept only if it matches the reference on a probe,
+        # which is bf16); fp32 and fp16 keep dequantize + matmul
+        enable_fast_kernels(model)
     return model.eval()
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.llm import cpu_attention
+
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "opt")
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts with two unused rows (fairseq legacy)
@@ -162,21 +164,39 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k/v `[B, H, T, D]` at per-row positions `input_pos [B, T]`.
+    def update(
+        self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Write k/v `[B, H, T, D]` at per-row positions `input_pos [B, T]` of cache rows `rows [B]`
+        (default: rows 0..B-1).
 
-        Returns the cache rows `[:B, :, :kv_len]` to attend over."""
-        b, h, _, d = k.shape
-        index = input_pos[:, None, :, None].expand(b, h, -1, d)
-        self.k[:b].scatter_(2, index, k)
-        self.v[:b].scatter_(2, index, v)
-        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        Returns the cache rows `[B, H, kv_len, D]` to attend over: views for the default rows, a copy
+        for explicit ones (prefill of newcomers into free rows, where the copy is cheap next to the work).
+        """
+        b = k.shape[0]
+        own = torch.arange(b, device=k.device) if rows is None else rows
+        # index_put_, not scatter_: scatter_ into a bf16 cache is ~500x slower on the CPU
+        index = (own[:, None], slice(None), input_pos)
+        self.k[index] = k.transpose(1, 2)
+        self.v[index] = v.transpose(1, 2)
+        if kv_len == k.shape[2]:
+            # T positions all below kv_len == T: the rows hold exactly these tokens at 0..T-1 (a
+            # prefill from the start), so attend over them directly instead of reading them back
+            return k, v
+        if rows is None:
+            return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]
 
     def keep_rows(self, rows: Tensor, kv_len: int) -> None:
         """Move cache rows `rows` to the front (drops finished sequences from the batch)."""
         n = rows.numel()
         self.k[:n, :, :kv_len] = self.k[rows, :, :kv_len]
         self.v[:n, :, :kv_len] = self.v[rows, :, :kv_len]
+
+    def move_rows(self, src: Tensor, dst: Tensor, kv_len: int) -> None:
+        """Copy cache rows `src` to rows `dst` (disjoint): fills the holes finished rows leave."""
+        self.k[dst, :, :kv_len] = self.k[src, :, :kv_len]
+        self.v[dst, :, :kv_len] = self.v[src, :, :kv_len]
 
 
 def _rope_inv_freq(args: ModelArgs) -> Tensor:
@@ -219,9 +239,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
+        # one-token steps use workers.llm.cpu_attention's fused kernel (see enable_decode_kernel)
+        self.decode_kernel = False
 
     def forward(
-        self, x: Tensor, input_pos: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None
+        self,
+        x: Tensor,
+        input_pos: Tensor,
+        mask: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -231,17 +258,42 @@ class Attention(nn.Module):
             cos, sin = rope
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-        scale = None
+        scale = self.head_dim**-0.5
         if self.args.arch == "opt":
             # OPT scales q before the product; doing the same keeps results bit-close to transformers
-            q = q * self.head_dim**-0.5
+            q = q * scale
             scale = 1.0
         assert self.kv_cache is not None, "call setup_caches() before forward()"
-        k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1])
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1], cache_rows)
+        if t == 1 and self.decode_kernel and cpu_attention.supports(q, k, v):
+            y = cpu_attention.decode_attention(q, k, v, input_pos[:, 0], scale)
+        elif t <= FEW_QUERIES:
+            y = _attend_few(q, k, v, mask, scale)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+FEW_QUERIES = 8  # up to this many query positions per row, attention runs as plain batched matmuls
+
+
+def _attend_few(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention for a few queries per row (decode): q `[B, H, T, D]`, k/v `[B, H_kv, S, D]`.
+
+    SDPA's CPU kernel is tuned for long query blocks and is ~2x slower than two matmuls when T is 1.
+    The query heads that share a kv head are stacked as extra query rows, so GQA needs no k/v copy.
+    """
+    b, h, t, d = q.shape
+    h_kv = k.shape[1]
+    group = h // h_kv
+    q = q.reshape(b, h_kv, group * t, d)
+    if group > 1 and t > 1:
+        mask = mask[:, :, None].expand(b, 1, group, t, mask.shape[-1]).reshape(b, 1, group * t, -1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    probs = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1).to(v.dtype)
+    return (probs @ v).view(b, h, t, d)
 
 
 class FeedForward(nn.Module):
@@ -257,7 +309,11 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.w1(x))
+        post_op = _ONEDNN_POST_OPS.get(self.act)
+        if post_op is not None and isinstance(self.w1, PackedLinear):
+            h = self.w1(x, activation=post_op)  # fused: one pass over the widest activation less
+        else:
+            h = self.act(self.w1(x))
         if self.w3 is not None:
             h = h * self.w3(x)
         return self.w2(h)
@@ -279,13 +335,18 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = _norm(args)
 
     def forward(
-        self, x: Tensor, input_pos: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None
+        self,
+        x: Tensor,
+        input_pos: Tensor,
+        mask: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
         if self.pre_norm:
-            x = x + self.attention(self.attention_norm(x), input_pos, mask, rope)
+            x = x + self.attention(self.attention_norm(x), input_pos, mask, rope, cache_rows)
             return x + self.feed_forward(self.ffn_norm(x))
         # post-norm (OPT-350m)
-        x = self.attention_norm(x + self.attention(x, input_pos, mask, rope))
+        x = self.attention_norm(x + self.attention(x, input_pos, mask, rope, cache_rows))
         return self.ffn_norm(x + self.feed_forward(x))
 
 
@@ -349,6 +410,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache.keep_rows(rows, kv_len)
 
+    def move_rows(self, src: Tensor, dst: Tensor, kv_len: int) -> None:
+        """Copy KV cache rows `src` to rows `dst` (the first `kv_len` slots)."""
+        for layer in self.layers:
+            layer.attention.kv_cache.move_rows(src, dst, kv_len)
+
     def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
         """`[B, 1, T, kv_len]` bool: a query at position p sees cache slots 0..p (of its own row)."""
         slots = torch.arange(kv_len, device=input_pos.device)
@@ -363,6 +429,7 @@ class Transformer(nn.Module):
         input_pos: Tensor,
         logits_index: Tensor | None = None,
         kv_len: int | None = None,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
         """Run `tokens [B, T]` at per-row positions `input_pos [B, T]`, updating the KV cache.
 
@@ -372,8 +439,10 @@ class Transformer(nn.Module):
         kv_len: how many cache slots to attend over (> every position in input_pos); defaults to the
             whole cache. The caller knows it without a device sync, and it keeps decode cost
             proportional to the current length instead of the cache size.
+        cache_rows: `[B]` cache row of each batch row (default 0..B-1): continuous batching prefills
+            newcomers into the rows that finished sequences freed.
         """
-        if tokens.shape[0] > self.max_batch_size:
+        if cache_rows is None and tokens.shape[0] > self.max_batch_size:
             raise ValueError(
                 f"batch of {tokens.shape[0]} exceeds the KV cache's {self.max_batch_size} rows "
                 "(call setup_caches first)"
@@ -392,7 +461,7 @@ class Transformer(nn.Module):
                 self.rope_sin[input_pos][:, None].to(x.dtype),
             )
         for layer in self.layers:
-            x = layer(x, input_pos, mask, rope)
+            x = layer(x, input_pos, mask, rope, cache_rows)
         if logits_index is not None:
             x = self._gather_positions(x, logits_index)
         if self.norm is not None:
@@ -407,3 +476,81 @@ class Transformer(nn.Module):
         if index.dim() == 1:
             return x[rows, index]
         return x[rows[:, None], index]
+
+
+# activations oneDNN applies inside the linear (a post-op) instead of in a pass of their own
+_ONEDNN_POST_OPS = {F.relu: "relu", F.silu: "swish", F.gelu: "gelu"}
+
+
+@torch.library.custom_op("genmill::packed_linear", mutates_args=())
+def _packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none")
+
+
+@_packed_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class PackedLinear(nn.Module):
+    """A CPU `nn.Linear` whose weight is pre-packed in oneDNN's blocked layout.
+
+    On x86 torch sends float32 linears to MKL, which runs far below the CPU's peak on some CPUs
+    (AMD: 2-4x slower than oneDNN here); oneDNN with a packed weight is fast in fp32 and bf16, also
+    for the few-row matmuls of decoding. Inference only: `weight` is an opaque oneDNN tensor (same
+    shape, dtype and size as the dense one, so parameter counts add up).
+    """
+
+    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor, activation: str = "none") -> Tensor:
+        """`activation`: "none" or a oneDNN post-op ("relu", "swish", "gelu") applied to the output."""
+        if torch.compiler.is_compiling():
+            # an opaque op to inductor: its own oneDNN lowering wants weights it packed itself
+            return _packed_linear(x, self.weight, self.bias, activation)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, activation, [], "none")
+
+
+def enable_decode_kernel(model: Transformer) -> bool:
+    """Let one-token steps use the fused CPU decode-attention kernel when it builds on this machine
+    (not with a sliding window, whose mask the kernel does not apply). Returns whether it is on."""
+    param = next(model.parameters())
+    on = (
+        param.device.type == "cpu"
+        and not model.args.sliding_window
+        and model.args.head_dim in cpu_attention.HEAD_DIMS
+        and cpu_attention.available()
+    )
+    for layer in model.layers:
+        layer.attention.decode_kernel = on
+    return on
+
+
+def can_pack_linears(model: nn.Module) -> bool:
+    param = next(model.parameters())
+    return (
+        param.device.type == "cpu"
+        and param.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and (param.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def pack_linears(model: nn.Module, batch_hint: int = 64) -> int:
+    """Swap every plain `nn.Linear` of `model` for a `PackedLinear`; returns how many were swapped.
+
+    Subclasses (e.g. quantized linears) are left alone. The LM head of a tied model gets its own
+    packed copy; the embedding keeps the original tensor.
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear(child, batch_hint))
+                swapped += 1
+    return swapped

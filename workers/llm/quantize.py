@@ -460,7 +460,9 @@ def read_quantized(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if config.get("format") != QUANT_FORMAT:
         raise ValueError(f"unsupported quantization format {config.get('format')!r}")
     # only our own file: a stale shard left in the folder must not leak into the state dict
-    state: dict[str, torch.Tensor] = load_file(str(folder / "model.safetensors"))
+    # fresh copies: safetensors may return tensors at unaligned offsets, which aten's packed
+    # int8/int4 kernels read out of bounds (a segfault, not an error)
+    state: dict[str, torch.Tensor] = {k: v.clone() for k, v in load_file(str(folder / "model.safetensors")).items()}
     for alias, src in config.get("aliases", {}).items():
         state[alias] = state[src]
     return state, config

@@ -1,8 +1,8 @@
 """Sampling parameters and batched, per-row sampling.
 
-Each row draws from its own `torch.Generator` seeded by its request's seed, and consumes exactly one
-vocabulary-sized draw per step, so a request's output depends on its seed and prompt only, never on
-which other requests share its batch.
+Each sampled row draws one uniform per step from its own counter-based stream (`RowRng`, keyed by the
+request's seed), and the whole batch is sampled by inverse CDF in one pass, so a request's output
+depends on its seed and prompt only, never on which other requests share its batch.
 """
 
 from __future__ import annotations
@@ -63,75 +63,111 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijective 64-bit hash with good avalanche."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+class RowRng:
+    """A counter-based uniform stream for one request: draw i is a hash of (seed, i).
+
+    One uniform per sampled token is all inverse-CDF sampling needs, so drawing costs a few integer
+    operations per row in Python instead of a vocabulary-sized draw per row, and the stream depends on
+    the seed and the draw count only: never on the batch, the device, or other requests.
+    """
+
+    __slots__ = ("count", "key")
+
+    def __init__(self, seed: int | None) -> None:
+        seed = secrets.randbits(63) if seed is None else seed
+        self.key = _mix64(seed * 0x9E3779B97F4A7C15 & _MASK64)
+        self.count = 0
+
+    def next_uniform(self) -> float:
+        """A float in (0, 1]."""
+        x = _mix64((self.key + self.count * 0x9E3779B97F4A7C15) & _MASK64)
+        self.count += 1
+        return ((x >> 11) + 1) * 2.0**-53
+
+
+def probabilities(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Temperature, then top-k, then top-p (the order transformers uses), per row; `[B, V]` float32."""
+    device = logits.device
+    # greedy rows use temperature 1 so the division is harmless; their pick is an argmax anyway
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+    logits = logits.float() / temperature[:, None]
+    use_top_k = any(p.top_k is not None and not p.greedy for p in params)
+    use_top_p = any(p.top_p < 1 and not p.greedy for p in params)
+    if use_top_k or use_top_p:
+        top_k = torch.tensor([p.top_k or 0 for p in params], device=device) if use_top_k else None
+        top_p = torch.tensor([p.top_p for p in params], device=device) if use_top_p else None
+        logits = _truncate(logits, top_k, top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def _truncate(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+        ranks = torch.arange(vocab, device=logits.device)
+        remove |= ranks[None, :] >= k[:, None]
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits.masked_fill(remove, -math.inf), dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # drop a token once the more likely ones already cover top_p; the top token always stays
+        # rows at top_p == 1 skip this: rounding in cumsum must not trim their tail
+        remove |= (mass_before >= top_p[:, None]) & (top_p < 1)[:, None]
+    remove_unsorted = torch.zeros_like(remove).scatter(-1, order, remove)
+    return logits.masked_fill(remove_unsorted, -math.inf)
+
+
+def sample(
+    logits: Tensor, params: list[SamplingParams], rngs: list[RowRng | None], greedy: Tensor | None = None
+) -> Tensor:
+    """Next token per row from `logits [B, V]`; returns `[B]` int64 on the logits' device.
+
+    Greedy rows (rng None) take the argmax (`greedy`, when the caller has it already). The other rows
+    are drawn together by inverse CDF: one uniform per row from its own `RowRng`, one cumsum and one
+    searchsorted for the whole batch.
+    """
+    tokens = logits.argmax(dim=-1) if greedy is None else greedy
+    sampled = [i for i, rng in enumerate(rngs) if rng is not None]
+    if not sampled:
+        return tokens
+    device = logits.device
+    index = torch.tensor(sampled, device=device)
+    probs = probabilities(logits[index], [params[i] for i in sampled])
+    # float64 cdf: a float32 running sum over a 100k-token vocabulary drifts by more than a rare
+    # token's probability
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.tensor([rngs[i].next_uniform() for i in sampled], dtype=torch.float64, device=device)
+    # first token whose cdf reaches u * total; zero-probability tokens have empty intervals (u > 0)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+    return tokens.index_copy(0, index, drawn.clamp(max=logits.shape[-1] - 1))
+
+
 class BatchSampler:
     """Per-row sampling state for one batch; `keep_rows` follows the engine's batch compaction."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
         self.params = list(params)
         self.device = device
-        self.generators = [self._generator(p) for p in self.params]
-        self._refresh()
-
-    def _generator(self, p: SamplingParams) -> torch.Generator | None:
-        if p.greedy:
-            return None
-        g = torch.Generator(device=self.device)
-        g.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        return g
-
-    def _refresh(self) -> None:
-        ps = self.params
-        self.all_greedy = all(p.greedy for p in ps)
-        # greedy rows use temperature 1 so the division is harmless; their draw is an argmax anyway
-        self.temperature = torch.tensor([p.temperature or 1.0 for p in ps], device=self.device)
-        self.top_k = torch.tensor([p.top_k or 0 for p in ps], device=self.device)
-        self.top_p = torch.tensor([p.top_p for p in ps], device=self.device)
-        self.use_top_k = any(p.top_k is not None and not p.greedy for p in ps)
-        self.use_top_p = any(p.top_p < 1 and not p.greedy for p in ps)
+        self.rngs = [None if p.greedy else RowRng(p.seed) for p in self.params]
 
     def keep_rows(self, rows: list[int]) -> None:
         self.params = [self.params[i] for i in rows]
-        self.generators = [self.generators[i] for i in rows]
-        self._refresh()
+        self.rngs = [self.rngs[i] for i in rows]
 
     def sample(self, logits: Tensor) -> Tensor:
         """Next token per row from `logits [B, V]`; returns `[B]` int64."""
-        greedy_tokens = logits.argmax(dim=-1)
-        if self.all_greedy:
-            return greedy_tokens
-        probs = self.probabilities(logits)
-        tokens = greedy_tokens.clone()
-        for row, g in enumerate(self.generators):
-            if g is not None:
-                tokens[row] = _draw(probs[row], g)
-        return tokens
+        return sample(logits, self.params, self.rngs)
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        """Temperature, then top-k, then top-p (the order transformers uses), per row; `[B, V]` float32."""
-        logits = logits.float() / self.temperature[:, None]
-        if self.use_top_k or self.use_top_p:
-            logits = self._truncate(logits)
-        return torch.softmax(logits, dim=-1)
-
-    def _truncate(self, logits: Tensor) -> Tensor:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        vocab = logits.shape[-1]
-        if self.use_top_k:
-            k = torch.where(self.top_k > 0, self.top_k.clamp(max=vocab), vocab)
-            ranks = torch.arange(vocab, device=logits.device)
-            remove |= ranks[None, :] >= k[:, None]
-        if self.use_top_p:
-            probs = torch.softmax(sorted_logits.masked_fill(remove, -math.inf), dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs
-            # drop a token once the more likely ones already cover top_p; the top token always stays
-            # rows at top_p == 1 skip this: rounding in cumsum must not trim their tail
-            remove |= (mass_before >= self.top_p[:, None]) & (self.top_p < 1)[:, None]
-        remove_unsorted = torch.zeros_like(remove).scatter(-1, order, remove)
-        return logits.masked_fill(remove_unsorted, -math.inf)
-
-
-def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
-    # Exponential race (Gumbel-max): argmax(p / E), E ~ Exp(1), samples from p without a CPU sync
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax()
+        return probabilities(logits, self.params)

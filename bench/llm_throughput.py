@@ -1,0 +1,352 @@
+"""LLM batch throughput: GenMill's LLMEngine against transformers' `generate`, same process.
+
+    python -m bench.llm_throughput [--models opt llama] [--dtypes float32 bfloat16]
+                                   [--modes eager decode] [--requests 64] [--new-tokens 64] [--no-write]
+
+Models (random weights, `save_pretrained` safetensors, cached under --workdir):
+  opt   - transformers `OPTConfig()` defaults (OPT-125m shape: 768 x 12 layers, ffn 3072, vocab 50272)
+  llama - LlamaConfig 768 x 12 layers, 12 heads, intermediate 2048, vocab 32000 (~134M parameters)
+Workload: --requests prompts of 110-128 random token ids (seeded), --new-tokens greedy tokens each,
+EOS ignored on both sides (ours `ignore_eos`, transformers `min_new_tokens`), so both generate
+exactly the same number of tokens. transformers runs the whole batch at once, left-padded; ours gets
+the same ids as `prompt_ids` with max_batch_size = --requests. Figures are end to end (prefill +
+decode), model load and compilation excluded (a warm-up call compiles); best of --repeats runs.
+
+The machine's matmul throughput is measured in the same run (torch's default `F.linear` and oneDNN
+with a packed weight, fp32 and bf16, at a decode-like 64 x 768 x 3072 and a prefill-like
+7680 x 768 x 3072 shape); prefill and decode GFLOP/s are reported as a fraction of the best large
+GEMM figure for that dtype. Writes the "LLM batch throughput" section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results import write_section
+from workers.llm.engine import GenRequest, LLMEngine
+from workers.llm.sampling import SamplingParams
+
+TITLE = "LLM batch throughput"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = {"eager": False, "decode": "decode", "all": "all"}
+PROMPT_LENGTHS = (110, 128)
+FIRST_ID = 4  # ids 0-3 are the tiny tokenizer's specials
+
+
+# ---- checkpoints ----
+
+
+def model_config(name: str) -> Any:
+    import transformers as tf
+
+    if name == "opt":
+        return tf.OPTConfig()
+    return tf.LlamaConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=2048,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+
+
+def checkpoint(root: Path, name: str) -> Path:
+    """Build (once) a random checkpoint folder; the tiny SentencePiece tokenizer only serves decoding."""
+    import transformers as tf
+
+    from workers.llm.tiny import build_tiny_tokenizer
+
+    folder = root / name
+    if (folder / "model.safetensors").is_file():
+        return folder
+    cls = tf.OPTForCausalLM if name == "opt" else tf.LlamaForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(model_config(name)).eval()
+    model.save_pretrained(folder)
+    build_tiny_tokenizer(folder)
+    return folder
+
+
+def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(FIRST_ID, vocab) for _ in range(rng.randint(*PROMPT_LENGTHS))] for _ in range(n)]
+
+
+# ---- matmul throughput ----
+
+
+def _gflops(fn: Any, flop: float, min_s: float = 0.5) -> float:
+    fn()
+    best = float("inf")
+    deadline = time.perf_counter() + min_s
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return flop / best / 1e9
+
+
+def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
+    """GFLOP/s per (dtype, shape, method); methods: torch's F.linear and oneDNN with a packed weight."""
+    shapes = {"64x768x3072": (64, 768, 3072), "7680x768x3072": (7680, 768, 3072)}
+    out: dict[tuple[str, str, str], float] = {}
+    for dtype in dtypes:
+        for label, (m, k, n) in shapes.items():
+            x = torch.randn(m, k, dtype=DTYPES[dtype])
+            w = torch.randn(n, k, dtype=DTYPES[dtype])
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+            flop = 2.0 * m * k * n
+            out[dtype, label, "torch F.linear"] = _gflops(lambda x=x, w=w: F.linear(x, w), flop)
+            out[dtype, label, "oneDNN packed"] = _gflops(
+                lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), flop
+            )
+    return out
+
+
+# ---- FLOP model ----
+
+
+@dataclass
+class Flops:
+    prefill: float
+    decode: float
+
+
+def count_flops(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> Flops:
+    """Multiply-adds x 2 of the work actually needed: real prompt tokens (no padding), logits at the
+    last prompt token only, attention over the causal prefix."""
+    a = engine.model.args
+    head = a.vocab_size * a.embed_dim
+    linear = sum(
+        m.in_features * m.out_features
+        for name, m in engine.model.named_modules()
+        if hasattr(m, "in_features") and name != "output"
+    )
+    attn = 2 * 2 * a.n_layers * a.n_heads * a.head_dim  # q.k and p.v per (query, key) pair
+    prefill = sum(2 * linear * len(p) + 2 * head + attn * len(p) * (len(p) + 1) / 2 for p in prompts)
+    decode = sum(2 * (linear + head) + attn * (len(p) + i + 1) for p in prompts for i in range(1, new_tokens))
+    return Flops(prefill, decode)
+
+
+# ---- runs ----
+
+
+def run_transformers(
+    folder: Path, dtype: str, prompts: list[list[int]], new_tokens: int
+) -> tuple[float, list]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding, as transformers wants for decoder-only batches
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    kwargs = {"do_sample": False, "num_beams": 1, "pad_token_id": pad}
+    with torch.inference_mode():
+        model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=2, **kwargs)  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
+        )
+        wall = time.perf_counter() - t0
+    return wall, out[:, width:].tolist()
+
+
+def requests(prompts: list[list[int]], new_tokens: int) -> list[GenRequest]:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    return [GenRequest(prompt_ids=p, params=params) for p in prompts]
+
+
+def run_ours(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list, dict]:
+    run = engine.generate(requests(prompts, new_tokens))
+    metrics = {m.name: m.value for m in run.metrics}
+    return metrics["wall_s"], [o.token_ids for o in run.outcomes], metrics
+
+
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> float:
+    same = sum(a == b for x, y in zip(ours, ref) for a, b in zip(x, y))
+    return same / max(1, sum(len(y) for y in ref))
+
+
+# ---- report ----
+
+
+@dataclass
+class Result:
+    model: str
+    dtype: str
+    mode: str
+    tokens_per_s: float
+    ratio: float
+    prefill_s: float
+    prefill_gflops: float
+    decode_s: float
+    decode_tokens_per_s: float
+    decode_gflops: float
+    agreement: float
+    compile_s: float
+
+
+def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: tuple, args: Any) -> Result:
+    """Our engine on the same prompts: a warm-up call compiles, then the best of --repeats runs."""
+    engine = LLMEngine.load(folder, dtype=dtype, max_batch_size=args.requests, compile=MODES[mode])
+    try:
+        flops = count_flops(engine, prompts, args.new_tokens)
+        _, _, warm = run_ours(engine, prompts, 4)
+        runs = [run_ours(engine, prompts, args.new_tokens) for _ in range(args.repeats)]
+    finally:
+        engine.close()
+    wall, tokens, m = min(runs, key=lambda r: r[0])
+    if m.get("compile_s"):
+        print(f"  warning: the timed run compiled for {m['compile_s']:.0f} s", flush=True)
+    total = args.requests * args.new_tokens
+    decode_tokens = m["generated_tokens"] - args.requests  # the first token comes from the prefill
+    prefill_s = m["prompt_tokens"] / m["prefill_tokens_per_s"]
+    decode_s = decode_tokens / m["decode_tokens_per_s"]
+    hf_wall, hf_tokens = hf
+    return Result(
+        name,
+        dtype,
+        mode,
+        total / wall,
+        hf_wall / wall,
+        prefill_s,
+        flops.prefill / prefill_s / 1e9,
+        decode_s,
+        m["decode_tokens_per_s"],
+        flops.decode / decode_s / 1e9,
+        agreement(tokens, hf_tokens),
+        warm.get("compile_s", 0.0),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["opt", "llama"], choices=["opt", "llama"])
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["eager", "decode", "all"],
+        choices=list(MODES),
+        help="eager; decode = compile the decode step; all = compile prefill and decode",
+    )
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1, help="best of this many timed runs, each side")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (physical cores)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "genmill-bench-llm")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+
+    print("matmul throughput ...", flush=True)
+    gemm = matmul_table(args.dtypes)
+    for (dtype, shape, method), v in gemm.items():
+        print(f"  {dtype:9} {shape:14} {method:15} {v:7.0f} GFLOP/s", flush=True)
+    results: list[Result] = []
+    baselines: dict[tuple[str, str], float] = {}
+    total = args.requests * args.new_tokens
+    for name in args.models:
+        folder = checkpoint(args.workdir, name)
+        prompts = make_prompts(args.requests, model_config(name).vocab_size)
+        for dtype in args.dtypes:
+            runs = [run_transformers(folder, dtype, prompts, args.new_tokens) for _ in range(args.repeats)]
+            hf = min(runs, key=lambda r: r[0])
+            baselines[name, dtype] = total / hf[0]
+            print(f"{name} {dtype} transformers: {baselines[name, dtype]:7.1f} tok/s", flush=True)
+            for mode in args.modes:
+                r = measure(folder, name, dtype, mode, prompts, hf, args)
+                results.append(r)
+                print(
+                    f"{name} {dtype} ours/{mode}: {r.tokens_per_s:7.1f} tok/s = {r.ratio:.2f}x "
+                    f"(prefill {r.prefill_s:.2f} s, {r.prefill_gflops:.0f} GFLOP/s; decode {r.decode_s:.2f} s, "
+                    f"{r.decode_tokens_per_s:.0f} tok/s, {r.decode_gflops:.0f} GFLOP/s; same tokens as "
+                    f"transformers {r.agreement:.1%}; compile {r.compile_s:.0f} s)",
+                    flush=True,
+                )
+    body = report(args, gemm, baselines, results, (load_before, os.getloadavg()[0]))
+    print(body)
+    if not args.no_write:
+        write_section(TITLE, body)
+
+
+def report(
+    args: argparse.Namespace, gemm: dict, baselines: dict, results: list[Result], load: tuple[float, float]
+) -> str:
+    peak = {d: max(v for (dt, _, _), v in gemm.items() if dt == d) for d in args.dtypes}
+    lines = [
+        (
+            f"{args.requests} requests, prompts of {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} random token ids, "
+            f"{args.new_tokens} greedy tokens each (EOS ignored), batch {args.requests}, CPU, "
+            f"{args.threads} torch threads, torch {torch.__version__}, best of {args.repeats} run(s) per side. "
+            "End to end (prefill + decode); model load and compilation excluded. Random weights: token "
+            "agreement with transformers is a sanity check (bf16 near-ties flip easily), not an accuracy "
+            f"figure. Load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f} (a shared machine "
+            "moves both sides by 10-30% between runs)."
+        ),
+        "",
+        "**Machine matmul throughput** (GFLOP/s, measured in this run; best of repeated calls):",
+        "",
+        "| dtype | shape (MxKxN) | torch F.linear | oneDNN packed weight |",
+        "| --- | --- | --- | --- |",
+    ]
+    for dtype in args.dtypes:
+        for shape in ("64x768x3072", "7680x768x3072"):
+            lines.append(
+                f"| {dtype} | {shape} | {gemm[dtype, shape, 'torch F.linear']:.0f} "
+                f"| {gemm[dtype, shape, 'oneDNN packed']:.0f} |"
+            )
+    lines += [
+        "",
+        (
+            "**Throughput** (generated tokens/s; ratio = ours / transformers `generate`, same model, "
+            "dtype, prompts and batch, same process; mode: eager, decode = decode step compiled, all = "
+            "prefill and decode compiled; GFLOP/s of the work actually needed (no padding, logits only "
+            "where sampled) and its share of the best matmul figure above for that dtype):"
+        ),
+        "",
+        (
+            "| model | dtype | mode | transformers tok/s | GenMill tok/s | ratio "
+            "| prefill s (GFLOP/s, share) | decode s (tok/s; GFLOP/s, share) | same tokens | compile s |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.dtype} | {r.mode} | {baselines[r.model, r.dtype]:.0f} | {r.tokens_per_s:.0f} "
+            f"| **{r.ratio:.2f}x** | {r.prefill_s:.2f} ({r.prefill_gflops:.0f}, "
+            f"{r.prefill_gflops / peak[r.dtype]:.0%}) | {r.decode_s:.2f} ({r.decode_tokens_per_s:.0f}; "
+            f"{r.decode_gflops:.0f}, {r.decode_gflops / peak[r.dtype]:.0%}) | {r.agreement:.0%} "
+            f"| {r.compile_s:.0f} |"
+        )
+    lines += ["", "Targets: >= 3.5x transformers in float32, >= 3x in bfloat16."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Continuous batching, dtype and compile options of workers.llm on tiny random checkpoints.
+
+Correctness only (timings live in bench/llm_throughput.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import workers.llm.generate as generate_module
+from workers.llm.engine import Completion, GenRequest, LLMEngine
+from workers.llm.generate import batch_bucket, prefill_groups
+from workers.llm.loader import load_checkpoint
+from workers.llm.model import PackedLinear, can_pack_linears, pack_linears
+from workers.llm.sampling import SamplingParams
+from workers.llm.tiny import build_tiny_checkpoint
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads (see test_llm_engine.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROMPTS = [
+    "The mill stood",
+    "In spring the river was high and brown with mud from the hills. The wheel began",
+    "What is the weather like today?",
+    "Please bring me",
+    "A careful record is worth more than a clever guess, and",
+    "The river",
+    "Where the old road meets the water, the miller",
+]
+MAX_TOKENS = [12, 5, 9, 1, 3, 14, 7]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llm_batching")
+    return {arch: build_tiny_checkpoint(root / arch, arch=arch, seed=5) for arch in ("llama", "opt")}
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def token_ids(engine: LLMEngine, reqs: list[GenRequest]) -> list[list[int]]:
+    outcomes = engine.generate(reqs).outcomes
+    assert all(isinstance(o, Completion) for o in outcomes), outcomes
+    return [o.token_ids for o in outcomes]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_continuous_batching_equals_one_at_a_time(folders, arch, monkeypatch):
+    reqs = [GenRequest(prompt=p, params=greedy(n)) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    solo = LLMEngine.load(folders[arch], max_batch_size=1)
+    small = LLMEngine.load(folders[arch], max_batch_size=3)
+    prefilled: list[list[int]] = []
+    real_prefill = generate_module.prefill
+
+    def spy(model, prompts, *args, **kwargs):
+        prefilled.append(kwargs.get("cache_rows") or args[2])
+        return real_prefill(model, prompts, *args, **kwargs)
+
+    try:
+        alone = [token_ids(solo, [r])[0] for r in reqs]
+        monkeypatch.setattr(generate_module, "prefill", spy)
+        batched = token_ids(small, reqs)
+    finally:
+        solo.close()
+        small.close()
+    assert batched == alone
+    assert [len(t) for t in batched] == MAX_TOKENS
+    # finished rows were refilled: more prefills than batches, into cache rows 0..2 only
+    assert len(prefilled) > 3
+    assert {row for rows in prefilled for row in rows} <= {0, 1, 2}
+
+
+def test_sampled_outputs_do_not_depend_on_batch_composition(folders):
+    mine = [
+        GenRequest(
+            prompt=PROMPTS[0], params=SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=42)
+        ),
+        GenRequest(prompt=PROMPTS[2], params=SamplingParams(max_tokens=6, top_k=30, seed=7)),
+    ]
+    others = [
+        GenRequest(prompt=p, params=SamplingParams(max_tokens=n, seed=i))
+        for i, (p, n) in enumerate(zip(PROMPTS[3:], MAX_TOKENS[3:]))
+    ]
+    wide = LLMEngine.load(folders["llama"], max_batch_size=8)
+    narrow = LLMEngine.load(folders["llama"], max_batch_size=2)
+    try:
+        alone = [token_ids(wide, [r])[0] for r in mine]
+        crowd = token_ids(wide, [others[0], mine[0], *others[1:], mine[1]])
+        queued = token_ids(narrow, [*others, *mine])
+    finally:
+        wide.close()
+        narrow.close()
+    assert [crowd[1], crowd[-1]] == alone
+    assert queued[-2:] == alone
+
+
+def test_bfloat16_agrees_with_float32_on_most_greedy_tokens(folders):
+    reqs = [GenRequest(prompt=p, params=greedy(8)) for p in PROMPTS]
+    fp32 = LLMEngine.load(folders["opt"], dtype="float32")
+    bf16 = LLMEngine.load(folders["opt"], dtype="bfloat16")
+    try:
+        a, b = token_ids(fp32, reqs), token_ids(bf16, reqs)
+    finally:
+        fp32.close()
+        bf16.close()
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    assert same >= 0.75 * sum(len(r) for r in a), (a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_linears_match_dense_logits(folders, dtype):
+    dense = load_checkpoint(folders["llama"], dtype=dtype).model
+    packed = load_checkpoint(folders["llama"], dtype=dtype).model
+    if not can_pack_linears(packed):
+        pytest.skip("oneDNN packing is not available here")
+    n_params = sum(p.numel() for p in dense.parameters())
+    assert pack_linears(packed, batch_hint=4) == 2 * 7 + 1  # q, k, v, o, w1, w2, w3 per layer + head
+    assert isinstance(packed.layers[0].attention.wq, PackedLinear)
+    assert sum(p.numel() for p in packed.parameters()) == n_params
+    tokens = torch.tensor([[1, 45, 57, 50, 76, 268], [1, 35, 269, 6, 7, 8]])
+    pos = torch.arange(6).expand(2, 6)
+    outs = []
+    for model in (dense, packed):
+        model.setup_caches(2, 16, getattr(torch, dtype), "cpu")
+        with torch.inference_mode():
+            outs.append(model(tokens, pos).float())
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+
+
+def test_engine_options_are_validated(folders):
+    folder = folders["opt"]
+    bad = [
+        ({"dtype": "float64"}, "float64"),
+        ({"compile": "sometimes"}, "compile"),
+        ({"max_batch_tokens": 0}, "max_batch_tokens"),
+        ({"prefill_chunk_tokens": True}, "prefill_chunk_tokens"),
+        ({"packed_linears": "yes"}, "packed_linears"),
+    ]
+    for options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            LLMEngine.load(folder, **options)
+
+
+def test_max_batch_tokens_limits_cache_rows(folders, monkeypatch):
+    engine = LLMEngine.load(folders["opt"], max_batch_size=8, max_batch_tokens=512)
+    rows: list[int] = []
+    setup = engine.model.setup_caches
+    monkeypatch.setattr(engine.model, "setup_caches", lambda b, *a: (rows.append(b), setup(b, *a)))
+    try:
+        got = token_ids(engine, [GenRequest(prompt=p, params=greedy(n)) for p, n in zip(PROMPTS, MAX_TOKENS)])
+    finally:
+        engine.close()
+    assert [len(t) for t in got] == MAX_TOKENS
+    assert rows == [2]  # 512 cache slots / 256 (cache length, rounded) = 2 rows
+
+
+def test_prefill_groups_split_on_padding_and_budget():
+    # small groups take padding rather than run smaller matmuls
+    assert prefill_groups([10, 11, 12, 11], max_tokens=1000) == [[0, 1, 3, 2]]
+    # big ones split: 1300 with the others would be 17% padding
+    assert prefill_groups([1000, 1300, 1010, 1020], max_tokens=10**5) == [[0, 2, 3], [1]]
+    assert prefill_groups([10] * 5, max_tokens=20) == [[0, 1], [2, 3], [4]]
+    assert [batch_bucket(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
+
+
+def test_stop_string_found_incrementally(folders):
+    engine = LLMEngine.load(folders["llama"])
+    try:
+        full = engine.generate([GenRequest(prompt=PROMPTS[1], params=greedy(30))]).outcomes[0]
+        stop = full.text[-6:-3]  # late in the completion: the tail window must still catch it
+        cut = full.text.index(stop)
+        params = SamplingParams(max_tokens=30, temperature=0, stop=[stop])
+        got = engine.generate([GenRequest(prompt=PROMPTS[1], params=params)]).outcomes[0]
+    finally:
+        engine.close()
+    assert got.finish_reason == "stop" and got.text == full.text[:cut]
+    assert got.token_ids == full.token_ids[: len(got.token_ids)]
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(folders):
+    """One small model; rows finish at different steps and are refilled, so the compiled step sees
+    several batch sizes (on the CPU one graph with a dynamic batch serves them all)."""
+    reqs = [GenRequest(prompt=p, params=greedy(n)) for p, n in zip(PROMPTS[:5], MAX_TOKENS[:5])]
+    eager = LLMEngine.load(folders["llama"], max_batch_size=3)
+    compiled = LLMEngine.load(folders["llama"], max_batch_size=3, compile="decode")
+    try:
+        expected = token_ids(eager, reqs)
+        first = compiled.generate(reqs)
+        again = compiled.generate(reqs[::-1])
+    finally:
+        eager.close()
+        compiled.close()
+    assert [o.token_ids for o in first.outcomes] == expected
+    assert [o.token_ids for o in again.outcomes] == expected[::-1]
+    assert {m.name: m.value for m in first.metrics}.get("compile_s", 0) > 0
+    assert "compile_s" not in {m.name for m in again.metrics}  # compiled once, reused by later calls
+
+
+def _decode_logits(model, dtype: torch.dtype) -> torch.Tensor:
+    """Prefill 3 right-padded rows, then 3 decode steps at per-row positions; the steps' logits."""
+    prompts = torch.tensor(
+        [[1, 45, 57, 50, 76, 268, 72, 6], [1, 35, 269, 6, 7, 8, 9, 10], [1, 5, 6, 7, 8, 9, 3, 3]]
+    )
+    lengths = [8, 5, 6]
+    model.setup_caches(3, 32, dtype, "cpu")
+    steps = []
+    with torch.inference_mode():
+        model(prompts, torch.arange(8).expand(3, 8), kv_len=8)
+        for step in range(3):
+            pos = torch.tensor([[n + step] for n in lengths])
+            tokens = torch.tensor([[11 + step], [12], [13]])
+            zero = torch.zeros(3, dtype=torch.long)
+            steps.append(model(tokens, pos, logits_index=zero, kv_len=int(pos.max()) + 1).float())
+    return torch.stack(steps)
+
+
+def test_decode_kernel_matches_torch_attention(folders):
+    from workers.llm import cpu_attention
+    from workers.llm.model import enable_decode_kernel
+
+    if not cpu_attention.available():
+        pytest.skip("no AVX-512 or no g++: the kernel is not built here")
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        for kernel in (False, True):
+            model = load_checkpoint(folders["llama"], dtype=dtype).model  # GQA: 4 heads, 2 kv heads
+            assert not kernel or enable_decode_kernel(model)
+            logits[dtype, kernel] = _decode_logits(model, getattr(torch, dtype))
+    exact = logits["float32", False]
+    torch.testing.assert_close(logits["float32", True], exact, atol=1e-4, rtol=1e-4)
+    # bf16: the kernel accumulates in fp32, so it is at least as close to fp32 as torch's bf16 path
+    err_kernel = (logits["bfloat16", True] - exact).abs().max()
+    err_torch = (logits["bfloat16", False] - exact).abs().max()
+    assert err_kernel <= 1.1 * err_torch, (err_kernel, err_torch)
+
+
+def test_length_groups_keep_full_batches_and_split_long_from_short(folders):
+    engine = LLMEngine.load(folders["opt"], max_batch_size=2)
+    try:
+        reqs = [
+            GenRequest(prompt_ids=[5] * n, params=greedy(m))
+            for n, m in [(3, 1), (100, 100), (4, 2), (90, 100), (2, 2), (80, 90)]
+        ]
+        items = [engine._prepare(i, r) for i, r in enumerate(reqs)]
+        groups = [[it.index for it in g] for g in engine._length_groups(items)]
+    finally:
+        engine.close()
+    # longest first; the short ones (< half the longest) start a new run once a run has a full batch
+    assert groups == [[1, 3, 5], [2, 4, 0]]

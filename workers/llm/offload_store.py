@@ -1,0 +1,496 @@
+"""Tiers for offloaded decoding: where a weight or a KV cache lives, and how it comes back to compute.
+
+Three tiers, FlexLLMGen-style: "gpu" is the compute device (on a CPU-only machine, the CPU itself),
+"cpu" is host memory (pinned when the compute device is CUDA), "disk" is a file read on demand.
+
+Disk reads never mmap: a tensor is `pread` into a freshly allocated tensor, which the caller drops
+after use, so the pages count against the process only while that tensor lives (a mapped file's
+touched pages would stay in RSS as long as the mapping does). Weights come straight from the
+checkpoint's safetensors files when they need no conversion, otherwise from per-layer safetensors
+files written once into an offload folder. KV caches on disk are plain files, one per (layer, GPU
+batch), laid out sequence-major so the first `n` positions are one contiguous read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from workers.llm.compression import CompressedTensor, CompressionConfig, compress, decompress
+
+TIERS = ("gpu", "cpu", "disk")
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def tensor_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda` and `cuda:0` are the same device (torch.device equality says otherwise)."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _as_bytes(t: Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (any dtype, bfloat16 included)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class DiskIO:
+    """pread/pwrite with one cached descriptor per file and byte counters (shared by all threads)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.read_bytes = 0
+        self.write_bytes = 0
+
+    def _fd(self, path: str, writable: bool = False) -> int:
+        key = f"{path}\0{int(writable)}"
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+                self._fds[key] = fd
+            return fd
+
+    def read_into(self, path: str, offset: int, out: Tensor) -> Tensor:
+        view = _as_bytes(out)
+        fd, done = self._fd(path), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{path}: short read at byte {offset + done}")
+            done += n
+        with self._lock:
+            self.read_bytes += done
+        return out
+
+    def write_from(self, path: str, offset: int, src: Tensor) -> None:
+        view = _as_bytes(src.contiguous())
+        fd, done = self._fd(path, writable=True), 0
+        while done < len(view):
+            done += os.pwritev(fd, [view[done:]], offset + done)
+        with self._lock:
+            self.write_bytes += done
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            for key in [k for k in self._fds if k.startswith(f"{path}\0")]:
+                os.close(self._fds.pop(key))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+# ---- safetensors files, read without mmap ----
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """Where one tensor's bytes sit in a safetensors file (row-major, so row ranges are contiguous)."""
+
+    path: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+def read_header(path: str | Path) -> tuple[dict[str, FileTensor], dict[str, str]]:
+    """The tensors of a safetensors file (by name) and its `__metadata__`."""
+    path = str(path)
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + size
+    entries = {}
+    for name, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        entries[name] = FileTensor(
+            path, base + info["data_offsets"][0], _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+        )
+    return entries, meta
+
+
+# ---- weights ----
+
+
+class Stored(Protocol):
+    """One stored tensor (dense, or one part of a compressed one), in some tier."""
+
+    tier: str
+    nbytes: int
+    shape: tuple[int, ...]
+
+    def all(self, device: torch.device) -> Tensor: ...
+    def rows(self, start: int, stop: int, device: torch.device) -> Tensor: ...
+    def take(self, index: Tensor, device: torch.device) -> Tensor: ...
+
+
+class MemoryStored:
+    """A tensor held on the compute device ("gpu") or in host memory ("cpu")."""
+
+    def __init__(self, tensor: Tensor, tier: str) -> None:
+        self.tensor, self.tier = tensor, tier
+        self.nbytes, self.shape = tensor_bytes(tensor), tuple(tensor.shape)
+
+    def all(self, device: torch.device) -> Tensor:
+        return self.tensor.to(device, non_blocking=True)  # no copy when it already lives there
+
+    def rows(self, start: int, stop: int, device: torch.device) -> Tensor:
+        return self.tensor[start:stop].to(device, non_blocking=True)
+
+    def take(self, index: Tensor, device: torch.device) -> Tensor:
+        return self.tensor[index.to(self.tensor.device)].to(device, non_blocking=True)
+
+
+class DiskStored:
+    """A tensor in a safetensors file, read on demand into a fresh tensor (pinned for CUDA)."""
+
+    tier = "disk"
+
+    def __init__(self, entry: FileTensor, io: DiskIO, pin: bool) -> None:
+        self.entry, self.io, self.pin = entry, io, pin
+        self.nbytes, self.shape = entry.nbytes, entry.shape
+
+    def _empty(self, shape: tuple[int, ...]) -> Tensor:
+        return torch.empty(shape, dtype=self.entry.dtype, pin_memory=self.pin)
+
+    def all(self, device: torch.device) -> Tensor:
+        out = self.io.read_into(self.entry.path, self.entry.offset, self._empty(self.shape))
+        return out.to(device, non_blocking=True)
+
+    def rows(self, start: int, stop: int, device: torch.device) -> Tensor:
+        out = self._empty((stop - start, *self.shape[1:]))
+        self.io.read_into(self.entry.path, self.entry.offset + start * self.entry.row_bytes, out)
+        return out.to(device, non_blocking=True)
+
+    def take(self, index: Tensor, device: torch.device) -> Tensor:
+        # an embedding lookup reads only the rows it needs: a decode step touches a few KB, not the table
+        unique, inverse = torch.unique(index.cpu(), return_inverse=True)
+        out = self._empty((unique.numel(), *self.shape[1:]))
+        row = self.entry.row_bytes
+        for i, r in enumerate(unique.tolist()):
+            self.io.read_into(self.entry.path, self.entry.offset + r * row, out[i])
+        return out.to(device, non_blocking=True)[inverse.to(device)]
+
+
+class WeightHome:
+    """A weight in its tier, dense or 4-bit compressed; hands back dense tensors on the compute device.
+
+    Compressed weights are decompressed on use (per layer load, so once for all GPU batches)."""
+
+    def __init__(
+        self,
+        parts: dict[str, Stored],
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        config: CompressionConfig | None = None,
+    ) -> None:
+        self.parts, self.dtype, self.shape, self.config = parts, dtype, shape, config
+        self.tier = next(iter(parts.values())).tier
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+    @property
+    def compressed(self) -> bool:
+        return self.config is not None
+
+    def is_resident_on(self, device: torch.device) -> bool:
+        p = self.parts.get("dense")
+        return (
+            isinstance(p, MemoryStored)
+            and same_device(p.tensor.device, device)
+            and p.tensor.dtype == self.dtype
+        )
+
+    def _dense(self, parts: dict[str, Tensor], rows: int) -> Tensor:
+        if self.config is None:
+            return parts["dense"].to(self.dtype)
+        ct = CompressedTensor(
+            data=parts["data"],
+            scale=parts["scale"],
+            min=parts["min"],
+            shape=torch.Size((rows, *self.shape[1:])),
+            dtype=self.dtype,
+            config=self.config,
+        )
+        return decompress(ct, self.dtype)
+
+    def fetch(self, device: torch.device) -> Tensor:
+        return self._dense(
+            {k: p.all(device) for k, p in self.parts.items()}, self.shape[0] if self.shape else 0
+        )
+
+    def fetch_rows(self, start: int, stop: int, device: torch.device) -> Tensor:
+        # compressed groups run along dim 1, so a row range of every part is a row range of the weight
+        return self._dense({k: p.rows(start, stop, device) for k, p in self.parts.items()}, stop - start)
+
+    def gather(self, index: Tensor, device: torch.device) -> Tensor:
+        flat = index.reshape(-1)
+        rows = self._dense({k: p.take(flat, device) for k, p in self.parts.items()}, flat.numel())
+        return rows.view(*index.shape, *self.shape[1:])
+
+
+def compress_weight(t: Tensor, config: CompressionConfig) -> dict[str, Tensor]:
+    ct = compress(t, config)
+    return {"data": ct.data, "scale": ct.scale, "min": ct.min}
+
+
+class OffloadFolder:
+    """Per-group safetensors files for disk-tier weights that need converting (dtype or compression).
+
+    Each file carries a fingerprint of its source and settings, so it is written once and reused by
+    later loads; a stale file is rewritten (atomically, via a temporary name)."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def path(self, group: str) -> Path:
+        return self.folder / f"{group}-{self.fingerprint[:12]}.safetensors"
+
+    def existing(self, group: str, names: list[str]) -> dict[str, FileTensor] | None:
+        path = self.path(group)
+        if not path.is_file():
+            return None
+        try:
+            entries, meta = read_header(path)
+        except (OSError, ValueError, json.JSONDecodeError):
+            return None
+        if meta.get("fingerprint") != self.fingerprint or not set(names) <= set(entries):
+            return None
+        return entries
+
+    def write(self, group: str, tensors: dict[str, Tensor]) -> dict[str, FileTensor]:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"offload_dir {self.folder} is not writable ({exc}); set offload_dir") from exc
+        path = self.path(group)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"fingerprint": self.fingerprint},
+        )
+        os.replace(tmp, path)
+        return read_header(path)[0]
+
+
+def fingerprint(sources: list[Path], settings: dict) -> str:
+    """Identifies the checkpoint files (name, size, mtime) plus the conversion settings."""
+    h = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
+    for p in sources:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+# ---- KV cache ----
+
+
+@dataclass(frozen=True)
+class Component:
+    """One array of a KV cache home: per (row, head, position) a vector of `width` values."""
+
+    name: str
+    width: int
+    dtype: torch.dtype
+    fill: float = 0.0  # initial value; a compressed scale starts at 1 so unwritten slots decode to 0
+
+
+class SeqStore(Protocol):
+    """A KV cache home for one (layer, GPU batch): components of shape [B, H, S, width]."""
+
+    tier: str
+    nbytes: int
+
+    def read(self, n: int, length: int, device: torch.device) -> dict[str, Tensor]: ...
+    def write(self, pos: Tensor, values: dict[str, Tensor]) -> None: ...
+    def close(self) -> None: ...
+
+
+class MemorySeqStore:
+    """Components as `[B, H, S, width]` tensors, like the model's static KVCache."""
+
+    def __init__(
+        self,
+        comps: list[Component],
+        b: int,
+        h: int,
+        s: int,
+        device: torch.device,
+        tier: str,
+        pin: bool = False,
+    ) -> None:
+        self.tier = tier
+        self.tensors = {
+            c.name: torch.full((b, h, s, c.width), c.fill, dtype=c.dtype, device=device, pin_memory=pin)
+            for c in comps
+        }
+        self.nbytes = sum(tensor_bytes(t) for t in self.tensors.values())
+
+    def read(self, n: int, length: int, device: torch.device) -> dict[str, Tensor]:
+        """`[B, H, length, width]` per component (slots never written hold their fill value).
+
+        A view, not a copy, when the home is on `device`: writes through it land in the home."""
+        return {k: t[:, :, :length].to(device, non_blocking=True) for k, t in self.tensors.items()}
+
+    def write(self, pos: Tensor, values: dict[str, Tensor]) -> None:
+        """Write `values[name] [B, H, T, width]` at per-row positions `pos [B, T]`."""
+        for k, t in self.tensors.items():
+            # host-bound copies block: the CPU index_put below must not read before the copy lands
+            v = values[k].to(t.device, non_blocking=t.device.type != "cpu")
+            index = (torch.arange(v.shape[0], device=t.device)[:, None], slice(None), pos.to(t.device))
+            t[index] = v.transpose(1, 2)
+
+    def close(self) -> None:
+        self.tensors.clear()
+
+
+class DiskSeqStore:
+    """Components in one file, each region laid out `[S, B, H, width]`: a prefix of positions is one
+    contiguous read, a prefill chunk one contiguous write, a decode step one small write per row."""
+
+    tier = "disk"
+
+    def __init__(
+        self, comps: list[Component], b: int, h: int, s: int, path: Path, io: DiskIO, pin: bool = False
+    ) -> None:
+        self.comps, self.b, self.h, self.s = comps, b, h, s
+        self.path, self.io, self.pin = str(path), io, pin
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for c in comps:
+            self.offsets[c.name] = offset
+            offset += s * self._slot_bytes(c)
+        self.nbytes = 0  # nothing resident
+        self.disk_bytes = offset
+        with open(self.path, "wb") as f:
+            f.truncate(offset)  # sparse zeros
+        for c in comps:
+            if c.fill != 0:  # small (scales only): written once, in one go
+                io.write_from(
+                    self.path, self.offsets[c.name], torch.full((s, b, h, c.width), c.fill, dtype=c.dtype)
+                )
+
+    def _slot_bytes(self, c: Component) -> int:
+        return self.b * self.h * c.width * torch.empty((), dtype=c.dtype).element_size()
+
+    def read(self, n: int, length: int, device: torch.device) -> dict[str, Tensor]:
+        """Positions [0, n) in one read into a fresh `[length, B, H, width]` buffer (the rest gets the
+        fill value), handed out as a `[B, H, length, width]` view: attention takes it without a copy."""
+        out = {}
+        for c in self.comps:
+            buf = torch.empty((length, self.b, self.h, c.width), dtype=c.dtype, pin_memory=self.pin)
+            if n:
+                self.io.read_into(self.path, self.offsets[c.name], buf[:n])
+            buf[n:].fill_(c.fill)
+            out[c.name] = buf.to(device, non_blocking=True).permute(1, 2, 0, 3)
+        return out
+
+    def write(self, pos: Tensor, values: dict[str, Tensor]) -> None:
+        pos = pos.cpu()
+        t = pos.shape[1]
+        start = int(pos[0, 0])
+        uniform = bool((pos == torch.arange(start, start + t)).all())
+        for c in self.comps:
+            v = values[c.name].cpu().permute(2, 0, 1, 3)  # [T, B, H, width]
+            base, slot = self.offsets[c.name], self._slot_bytes(c)
+            if uniform:  # every row at the same positions: one contiguous block
+                self.io.write_from(self.path, base + start * slot, v)
+                continue
+            row = slot // self.b
+            for r in range(self.b):
+                for i in range(t):
+                    self.io.write_from(self.path, base + int(pos[r, i]) * slot + r * row, v[i, r])
+
+    def close(self) -> None:
+        self.io.forget(self.path)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def cache_components(head_dim: int, dtype: torch.dtype, config: CompressionConfig | None) -> list[Component]:
+    """k and v dense, or each as packed codes + per-group scale and min (groups along head_dim)."""
+    if config is None:
+        return [Component("k", head_dim, dtype), Component("v", head_dim, dtype)]
+    groups = -(-head_dim // config.group_size)
+    packed = config.group_size * config.num_bits // 8
+    pdtype = config.param_dtype or dtype
+    comps = []
+    for name in ("k", "v"):
+        comps += [
+            Component(f"{name}_data", groups * packed, torch.uint8),
+            Component(f"{name}_scale", groups, pdtype, fill=1.0),
+            Component(f"{name}_min", groups, pdtype),
+        ]
+    return comps
+
+
+def compress_kv(x: Tensor, config: CompressionConfig, name: str) -> dict[str, Tensor]:
+    """`x [B, H, T, D]` -> the three components of `name`, each `[B, H, T, width]`."""
+    ct = compress(x, config)  # data [B, H, T, G, packed], scale/min [B, H, T, G, 1]
+    return {
+        f"{name}_data": ct.data.flatten(-2),
+        f"{name}_scale": ct.scale.flatten(-2),
+        f"{name}_min": ct.min.flatten(-2),
+    }
+
+
+def decompress_kv(
+    parts: dict[str, Tensor], name: str, head_dim: int, config: CompressionConfig, dtype: torch.dtype
+) -> Tensor:
+    """Inverse of `compress_kv` for the first n positions: `[B, H, n, head_dim]`, contiguous."""
+    data = parts[f"{name}_data"]
+    b, h, n, _ = data.shape
+    groups = parts[f"{name}_scale"].shape[-1]
+    ct = CompressedTensor(
+        data=data.unflatten(-1, (groups, -1)),
+        scale=parts[f"{name}_scale"].unsqueeze(-1),
+        min=parts[f"{name}_min"].unsqueeze(-1),
+        shape=torch.Size((b, h, n, head_dim)),
+        dtype=dtype,
+        config=config,
+    )
+    return decompress(ct, dtype)
