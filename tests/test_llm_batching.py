@@ -262,4 +262,4 @@ def test_length_groups_keep_full_batches_and_split_long_from_short(folders):
     finally:
         engine.close()
     # longest first; the short ones (< half the longest) start a new run once a run has a full batch
-    assert groups == [[1, 3, 5], [2, 4, 0]]
+    assert groups == [[1, 3, 5], [2, 0, 4]]

@@ -212,3 +212,17 @@ def test_bad_sidecar_is_a_clear_error(folders, tmp_path) -> None:
     (bad / QUANT_SIDECAR).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="not a linear layer"):
         load_checkpoint(bad)
+
+
+def test_engine_model_bytes_counts_quantized_weights(tmp_path):
+    """Bandwidth metrics use model_bytes: an int8 folder must count its int8 weights (buffers)."""
+    from workers.llm.engine import LLMEngine
+    from workers.llm.quantize import quantize_checkpoint
+    from workers.llm.tiny import build_tiny_checkpoint
+
+    fp = build_tiny_checkpoint(tmp_path / "fp", arch="llama")
+    quantize_checkpoint(fp, tmp_path / "q8", "int8")
+    fp_bytes = LLMEngine.load(fp).model_bytes
+    q8_bytes = LLMEngine.load(tmp_path / "q8").model_bytes
+    params_only = sum(p.numel() * p.element_size() for p in LLMEngine.load(tmp_path / "q8").model.parameters())
+    assert params_only < q8_bytes < fp_bytes

@@ -23,6 +23,7 @@ from workers.llm.generate import (
     generate,
 )
 from workers.llm.loader import LoadedModel, load_checkpoint, resolve_dtype
+from workers.llm.loader import model_bytes as loader_model_bytes
 from workers.llm.model import can_pack_linears, enable_decode_kernel, pack_linears
 from workers.llm.sampling import SamplingParams
 
@@ -97,7 +98,8 @@ class LLMEngine:
         self.max_batch_tokens = max_batch_tokens
         self.eos_ids = loaded.eos_ids
         self.device = next(self.model.parameters()).device
-        self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # counts quantized weights too (stored as buffers), so bandwidth is right for int8/int4 folders
+        self.model_bytes = loader_model_bytes(self.model)
         if packed_linears and can_pack_linears(self.model):
             pack_linears(self.model, batch_hint=max_batch_size)
         if decode_kernel:

@@ -7,9 +7,10 @@ Prompts sit at positions 0..len-1 exactly as if each ran alone (same RoPE / lear
 attended keys), so greedy output does not depend on the batch. When no request waits, finished rows
 are filled by moving the last rows down, so the decode batch shrinks instead of carrying holes.
 
-`StepFunctions` holds the model's decode and prefill forwards, eager or `torch.compile`d (gpt-fast
-style: a static cache, static batch buckets); the engine keeps one for its lifetime, so a graph is
-compiled once per worker and shape bucket and reused by every job.
+`StepFunctions` holds the model's decode and prefill forwards, eager or `torch.compile`d over the
+static cache (gpt-fast style; see its docstring for the CPU and CUDA shape policies); the engine
+keeps one for its lifetime, so a graph is compiled once per worker and shape bucket and reused by
+every job.
 """
 
 from __future__ import annotations
