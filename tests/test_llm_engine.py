@@ -340,3 +340,34 @@ def test_closed_engine_refuses_work(folders):
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate([GenRequest(prompt="hi")])
+
+
+@pytest.mark.parametrize("variant", ["offloaded", "speculative"])
+def test_every_llm_engine_fails_only_the_request_that_breaks_its_batch(folders, variant):
+    """The retry-in-halves around `_generate_batch` is shared: a request that makes any batch it is
+    in raise (say, out of memory) fails alone, and every request is reported to progress once."""
+    if variant == "offloaded":
+        from workers.llm.offload import OffloadedLLMEngine
+
+        engine = OffloadedLLMEngine.load(folders["llama"], offload={"gpu_batch_size": 8})
+    else:
+        from workers.llm.speculative import SpeculativeLLMEngine
+
+        engine = SpeculativeLLMEngine.load(folders["llama"], draft_model=folders["llama"], speculate_k=2)
+    reqs = [GenRequest(prompt=f"the river number {i}", params=SamplingParams(max_tokens=4, temperature=0))
+            for i in range(6)]
+    poison = engine.tokenizer(reqs[3].prompt)["input_ids"]
+    real = engine._generate_batch
+
+    def flaky(items, on_finish):
+        if any(list(it.ids) == list(poison) for it in items):
+            raise MemoryError("out of memory")
+        return real(items, on_finish)
+
+    engine._generate_batch = flaky
+    seen: list[int] = []
+    run = engine.generate(reqs, progress=seen.append)
+    assert isinstance(run.outcomes[3], ItemError) and run.outcomes[3].code == "generation_failed"
+    assert all(isinstance(o, Completion) for i, o in enumerate(run.outcomes) if i != 3)
+    assert sum(seen) == len(reqs)
+    engine.close()

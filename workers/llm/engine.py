@@ -6,6 +6,7 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,19 +278,7 @@ class LLMEngine:
                     raise _ProgressError() from exc
 
         try:
-            outputs, batch_stats = generate(
-                self.model,
-                [it.ids for it in items],
-                [it.params for it in items],
-                self.eos_ids,
-                self._detokenize,
-                pad_id=self._loaded.pad_id,
-                on_finish=on_finish,
-                prefill_chunk_tokens=self.prefill_chunk_tokens,
-                max_batch_size=self._rows_for(items),
-                steps=self.steps,
-                cache_seq_len=self._cache_len(max(_total(it) for it in items)),
-            )
+            outputs, batch_stats = self._generate_batch(items, on_finish)
         except _ProgressError as exc:
             raise exc.__cause__ from None
         except Exception as exc:
@@ -299,6 +288,23 @@ class LLMEngine:
         stats.add(batch_stats)
         for it, out in zip(items, outputs):
             outcomes[it.index] = self._completion(it, out)
+
+    def _generate_batch(self, items: list[_Item], on_finish: Callable[[int], None]) -> tuple[list[Any], Any]:
+        """The one step subclasses replace (offloaded, speculative): generate for these items and
+        return (outputs, GenerationStats); the retry and progress handling around it is shared."""
+        return generate(
+            self.model,
+            [it.ids for it in items],
+            [it.params for it in items],
+            self.eos_ids,
+            self._detokenize,
+            pad_id=self._loaded.pad_id,
+            on_finish=on_finish,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+            max_batch_size=self._rows_for(items),
+            steps=self.steps,
+            cache_seq_len=self._cache_len(max(_total(it) for it in items)),
+        )
 
     def _retry(
         self,

@@ -1191,52 +1191,19 @@ class OffloadedLLMEngine(LLMEngine):
         stats = GenerationStats()
         items.sort(key=lambda it: len(it.ids))  # similar lengths share a GPU batch: less padding
         for b in range(0, len(items), self.max_batch_size):
-            self._run_items(items[b : b + self.max_batch_size], outcomes, stats, progress)
+            self._run_batch(items[b : b + self.max_batch_size], outcomes, stats, progress)
         return EngineRun(outcomes=outcomes, metrics=self._metrics(stats, time.perf_counter() - start))
 
-    def _run_items(
-        self, items: list[Any], outcomes: list[Any], stats: GenerationStats, progress: ProgressFn | None
-    ) -> None:
-        """Generate for one block of requests; on failure retry in halves, down to a single request."""
-        progress = _Progress(progress)
-        try:
-            outputs, block_stats = self.generator.generate(
-                [it.ids for it in items],
-                [it.params for it in items],
-                self.eos_ids,
-                self._detokenize,
-                pad_id=self.pad_id,
-                on_finish=progress.report,
-                prefill_chunk_tokens=self.prefill_chunk_tokens,
-            )
-        except _CallbackError as exc:
-            raise exc.__cause__ from None  # the caller's progress callback failed: not ours to retry
-        except Exception as exc:
-            log.exception("offloaded LLM batch of %d failed", len(items))
-            self._retry(items, outcomes, stats, progress.skipping_reported(), exc)
-            return
-        stats.add(block_stats)
-        for it, out in zip(items, outputs):
-            outcomes[it.index] = self._completion(it, out)
-
-    def _retry(
-        self,
-        items: list[Any],
-        outcomes: list[Any],
-        stats: GenerationStats,
-        progress: ProgressFn | None,
-        exc: Exception,
-    ) -> None:
-        if len(items) == 1:
-            outcomes[items[0].index] = ItemError("generation_failed", f"{type(exc).__name__}: {exc}")
-            if progress is not None:
-                progress(1)
-            return
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(items) // 2
-        self._run_items(items[:half], outcomes, stats, progress)
-        self._run_items(items[half:], outcomes, stats, progress)
+    def _generate_batch(self, items: list[Any], on_finish: Any) -> tuple[list[Any], GenerationStats]:
+        return self.generator.generate(
+            [it.ids for it in items],
+            [it.params for it in items],
+            self.eos_ids,
+            self._detokenize,
+            pad_id=self.pad_id,
+            on_finish=on_finish,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+        )
 
     def _metrics(self, s: GenerationStats, wall: float) -> list[Metric]:
         g = self.generator
@@ -1256,37 +1223,3 @@ class OffloadedLLMEngine(LLMEngine):
         self.generator.close()
         self._loaded = None
         self.model = None
-
-
-class _CallbackError(Exception):
-    """Wraps an exception from the caller's progress callback, so it is raised, never retried."""
-
-
-class _Progress:
-    """Forwards finished-row counts to the caller's callback and remembers how many it reported,
-    so a retry after a failure does not report those rows twice."""
-
-    def __init__(self, progress: ProgressFn | None) -> None:
-        self.progress, self.reported = progress, 0
-
-    def report(self, n: int) -> None:
-        self.reported += n
-        if self.progress is not None:
-            try:
-                self.progress(n)
-            except Exception as exc:
-                raise _CallbackError() from exc
-
-    def skipping_reported(self) -> ProgressFn | None:
-        if self.progress is None or self.reported == 0:
-            return self.progress
-        skip, progress = self.reported, self.progress
-
-        def wrapped(k: int) -> None:
-            nonlocal skip
-            dropped = min(k, skip)
-            skip -= dropped
-            if k > dropped:
-                progress(k - dropped)
-
-        return wrapped

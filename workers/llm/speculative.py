@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workers.engine import Metric, ProgressFn
-from workers.llm.engine import LLMEngine, _Item, _ProgressError, _skip_first
+from workers.llm.engine import LLMEngine, _Item
 from workers.llm.generate import (
     DEFAULT_PREFILL_CHUNK_TOKENS,
     GenerationStats,
@@ -427,46 +427,23 @@ class SpeculativeLLMEngine(LLMEngine):
     ) -> None:
         """LLMEngine._run_batch with speculative_generate, `max_batch_size` requests at a time."""
         for start in range(0, len(items), self.max_batch_size):
-            self._run_chunk(items[start : start + self.max_batch_size], outcomes, stats, progress)
+            super()._run_batch(items[start : start + self.max_batch_size], outcomes, stats, progress)
 
-    def _run_chunk(
-        self, items: list[_Item], outcomes: list[Any], stats: GenerationStats, progress: ProgressFn | None
-    ) -> None:
-        """One batch; on failure LLMEngine._retry runs it again in halves, down to one item."""
-        reported = 0
-
-        def on_finish(n: int) -> None:
-            nonlocal reported
-            reported += n
-            if progress is not None:
-                try:
-                    progress(n)
-                except Exception as exc:
-                    raise _ProgressError() from exc
-
-        try:
-            outputs, batch_stats, accept = speculative_generate(
-                self.model,
-                self.draft,
-                [it.ids for it in items],
-                [it.params for it in items],
-                self.eos_ids,
-                self._detokenize,
-                speculate_k=self.speculate_k,
-                pad_id=self._loaded.pad_id,
-                on_finish=on_finish,
-                prefill_chunk_tokens=self.prefill_chunk_tokens,
-            )
-        except _ProgressError as exc:
-            raise exc.__cause__ from None
-        except Exception as exc:
-            log.exception("speculative LLM batch of %d failed", len(items))
-            self._retry(items, outcomes, stats, _skip_first(progress, reported), exc)
-            return
-        stats.add(batch_stats)
-        self._accept.add(accept)
-        for it, out in zip(items, outputs):
-            outcomes[it.index] = self._completion(it, out)
+    def _generate_batch(self, items: list[_Item], on_finish: Any) -> tuple[list[Any], GenerationStats]:
+        outputs, batch_stats, accept = speculative_generate(
+            self.model,
+            self.draft,
+            [it.ids for it in items],
+            [it.params for it in items],
+            self.eos_ids,
+            self._detokenize,
+            speculate_k=self.speculate_k,
+            pad_id=self._loaded.pad_id,
+            on_finish=on_finish,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+        )
+        self._accept.add(accept)  # only a batch that succeeded counts
+        return outputs, batch_stats
 
     def _metrics(self, s: GenerationStats, wall: float) -> list[Metric]:
         a = self._accept
