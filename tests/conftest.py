@@ -146,3 +146,15 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.llm.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """The tests' models are tiny: intra-op threads gain nothing, and on a busy 2-core machine the
+    thread hand-offs make them several times slower. Worker subprocesses set their own threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

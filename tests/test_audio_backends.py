@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from workers.audio.engine import AudioEngine, AudioItem, Translation, detect_backend
 from workers.audio.tiny import build_tiny_hibiki, build_tiny_seamless, build_tiny_whisper
 from workers.engine import ItemError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def items(*seconds: float, rate: int = 16000) -> list[AudioItem]:

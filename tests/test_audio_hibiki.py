@@ -20,14 +20,6 @@ SR = 24000
 FRAME = 1920
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return build_tiny_hibiki(tmp_path_factory.mktemp("hibiki"))

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from tasks.kinds.audio import AudioKind
 from tasks.kinds.base import JobInvalid
@@ -16,14 +15,6 @@ from workers.audio.tiny import build_tiny_hibiki
 
 KIND = AudioKind()
 HIBIKI_CFG = {"n_q": 4, "dep_q": 2, "conditioners": {"description": {}}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_params_checked_and_normalised() -> None:

@@ -13,15 +13,6 @@ from workers.audio.mimi_convert import _rope_rows
 from workers.audio.tiny import _fuse_attention, tiny_lm_config, tiny_mimi_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and robust on a loaded machine. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_tokens(cfg: LMConfig, b: int, t: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     toks = torch.randint(0, cfg.card, (b, cfg.n_q + 1, t), generator=g)

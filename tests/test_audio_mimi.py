@@ -13,14 +13,6 @@ from workers.audio.mimi_convert import build_mimi, convert_mimi, mimi_config_fro
 from workers.audio.tiny import TINY_MIMI, build_tiny_mimi, mimi_to_moshi_state, moshi_mimi_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference():
     return build_tiny_mimi(seed=3)

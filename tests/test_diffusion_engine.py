@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tasks.kinds.base import ChunkContext, FinalizeContext
 from tasks.kinds.images import ImagesKind
@@ -29,14 +28,6 @@ class DictBucket(dict):
 
     def exists(self, key: str) -> bool:
         return key in self
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: thread hand-offs cost more than the arithmetic
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from storage import repo
 from tasks.embedded import run_job
 from tasks.flow import open_services
 from tasks.settings import Settings
-from workers import model_cache
 from workers.diffusion.tiny import build_tiny_unet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: thread hand-offs cost more than the arithmetic
-    yield
-    torch.set_num_threads(before)
-    model_cache.clear()
 
 
 @pytest.fixture

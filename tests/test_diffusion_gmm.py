@@ -56,15 +56,6 @@ def generate(params: SamplerParams, denoise=exact_denoiser, n: int = N, seed: in
     return params.run(denoise, noise.randn((n, 2), torch.float64) * params.sigma_max, noise)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny ops: on a shared 2-core machine thread hand-offs cost more than the arithmetic
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def truth() -> torch.Tensor:
     return true_samples(N, 1)

@@ -5,7 +5,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tasks.kinds.base import ChunkContext, FinalizeContext, JobInvalid
@@ -27,14 +26,6 @@ class DictBucket(dict):
 
     def exists(self, key: str) -> bool:
         return key in self
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: thread hand-offs cost more than the arithmetic
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("params,config,name", [

@@ -64,15 +64,6 @@ class _TorchWithNoise(types.ModuleType):
         return self._noise.randn_like(x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small convolutions: on a shared 2-core machine thread hand-offs cost more than the arithmetic
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def kd() -> types.ModuleType:
     return _load_kdiffusion_sampling()

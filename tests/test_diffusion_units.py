@@ -23,14 +23,6 @@ from workers.diffusion.tiny import build_tiny_unet
 from workers.diffusion.unet import UnsafeCheckpointError, load_unet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: thread hand-offs cost more than the arithmetic
-    yield
-    torch.set_num_threads(before)
-
-
 # --- schedule -------------------------------------------------------------------------------------
 
 def test_karras_sigmas_values():

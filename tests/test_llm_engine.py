@@ -17,16 +17,6 @@ from workers.llm.tiny import build_tiny_checkpoint
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box the thread handoffs
-    make these tests several times slower; restored afterwards for other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROMPTS = [
     "The mill stood",
     "In spring the river was high and brown with mud from the hills. The wheel began",

@@ -16,16 +16,6 @@ from workers.llm.tiny import build_tiny_checkpoint
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box the thread handoffs
-    make these tests several times slower; restored afterwards for other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,

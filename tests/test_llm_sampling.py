@@ -12,16 +12,6 @@ from workers.llm.sampling import BatchSampler, SamplingParams
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box the thread handoffs
-    make these tests several times slower; restored afterwards for other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     "field, value",
     [

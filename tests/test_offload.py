@@ -32,14 +32,6 @@ ALL_DISK = {"w_gpu_percent": 0, "w_cpu_percent": 0, "cache_gpu_percent": 0, "cac
 MIXED = {"w_gpu_percent": 30, "w_cpu_percent": 30, "cache_gpu_percent": 30, "cache_cpu_percent": 40}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add handoffs on a busy box
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("offload")

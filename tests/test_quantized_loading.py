@@ -31,14 +31,6 @@ GROUP = 32  # below the tiny models' width (64), so every int4 row has several g
 PROMPTS = ["The mill stood", "In spring the river was high and brown", "Please bring me", "A careful record"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("quantized")

@@ -19,14 +19,6 @@ chisquare = pytest.importorskip("scipy.stats").chisquare
 P_MIN = 1e-3  # chi-square p-value floor; every draw below is seeded, so a pass is reproducible
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROMPTS = [
     "The mill stood",
     "In spring the river was high and brown with mud from the hills. The wheel began",
