@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,7 +82,7 @@ def _install_sqlite_hooks(engine: Engine, *, file_backed: bool) -> None:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # first: the next ones may wait
         if file_backed:
-            cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+            _set_wal(cur)  # readers do not block the writer
             cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; fsync at checkpoints only
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -93,6 +94,26 @@ def _install_sqlite_hooks(engine: Engine, *, file_backed: bool) -> None:
             return
         mode = options.get(SQLITE_BEGIN_OPTION, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else 'DEFERRED'}")
+
+
+def _set_wal(cur: sqlite3.Cursor) -> None:
+    """Switch a file database to WAL (a no-op once the file is WAL: the mode is stored in it).
+
+    The switch needs an exclusive lock, and SQLite may answer SQLITE_BUSY at once instead of calling
+    the busy handler when another connection opens the fresh file at the same moment (several
+    processes starting on a new embedded database): retry for up to the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -19,6 +19,7 @@ per row at the end.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -187,6 +188,10 @@ class MimiCodec:
         self.encode_chunk_frames = encode_chunk_frames
         self.decode_chunk_frames = decode_chunk_frames
         self.decode_context_frames = decode_context_frames
+        # the streaming encoder's KV cache: `encoder_cache` in recent transformers 5 releases, earlier ones
+        # called it `encoder_past_key_values` (argument and output field alike)
+        params = inspect.signature(model.encode).parameters
+        self.cache_arg = "encoder_cache" if "encoder_cache" in params else "encoder_past_key_values"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -254,11 +259,11 @@ class StreamingEncoder:
             out = codec.model.encode(
                 x,
                 num_quantizers=self.k,
-                encoder_past_key_values=self._pkv,
                 padding_cache=self._pcache,
                 use_streaming=True,
+                **{codec.cache_arg: self._pkv},
             )
-            self._pkv, self._pcache = out.encoder_past_key_values, out.padding_cache
+            self._pkv, self._pcache = getattr(out, codec.cache_arg), out.padding_cache
             for j, i in enumerate(self.rows):
                 self.codes[i] = torch.cat([self.codes[i], out.audio_codes[j].long()], dim=1)
             self.frames += n
