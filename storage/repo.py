@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import and_, case, delete, func, literal, or_, select, update
@@ -250,11 +250,14 @@ class ChunkClaim:
     - ``run``: the chunk is now ``running`` for this worker (``attempts`` counts this one).
     - ``skip``: nothing to do (already finished, or its job stopped; ``reason`` says which).
     - ``exhausted``: it already ran ``max_attempts`` times; it is now ``failed``.
+    - ``expired``: its job is still active but past ``expires_at``; nothing changed (the caller
+      expires the job, which cancels this chunk with the other queued ones).
     """
 
-    action: Literal["run", "skip", "exhausted"]
+    action: Literal["run", "skip", "exhausted", "expired"]
     chunk: Chunk | None  # detached, as it is after the claim; None if the chunk does not exist
     reason: str = ""
+    job: Job | None = None  # the chunk's job, detached, as it is after the claim
 
     @property
     def run(self) -> bool:
@@ -265,41 +268,56 @@ class ChunkClaim:
         return self.chunk.attempts if self.chunk is not None else 0
 
 
-def claim_chunk(db: DB, job_id: str, index: int, worker: str, max_attempts: int) -> ChunkClaim:
+def claim_chunk(
+    db: DB, job_id: str, index: int, worker: str, max_attempts: int, now: datetime | None = None
+) -> ChunkClaim:
     """Decide whether this delivery of a chunk runs, under a lock on the chunk row.
 
     A chunk still ``running`` is a redelivery (its worker was lost, or the broker's visibility
     timeout passed): it runs again, counted against ``max_attempts``. Two deliveries claiming at
     once are serialised by the row lock (PostgreSQL) or the write lock (SQLite): each sees the
-    other's attempt count.
+    other's attempt count. A claim that runs also moves a queued job to ``in_progress``, and the
+    job row comes back with the claim: starting a chunk is one transaction, not three.
     """
+    now = now or utcnow()
     with write_session(db) as s:
         chunk = s.scalars(
             select(Chunk).where(Chunk.job_id == job_id, Chunk.index == index).with_for_update()
         ).one_or_none()
+        job = s.get(Job, job_id)
         if chunk is None:
-            return ChunkClaim("skip", None, "no such chunk")
-        job_state = s.scalar(select(Job.state).where(Job.id == job_id))
-        now = utcnow()
+            return ChunkClaim("skip", None, "no such chunk", job)
         state = ChunkState(chunk.state)
         if state.terminal:
-            return ChunkClaim("skip", chunk, f"chunk already {state.value}")
-        if job_state is not None and JobState(job_state) in _JOB_STOPPED:
+            return ChunkClaim("skip", chunk, f"chunk already {state.value}", job)
+        job_state = JobState(job.state) if job is not None else None
+        if job_state in _JOB_STOPPED:
             chunk.state = ChunkState.cancelled.value
             chunk.finished_at = now
-            return ChunkClaim("skip", chunk, f"job is {job_state}")
+            return ChunkClaim("skip", chunk, f"job is {job_state.value}", job)
+        expiring = job_state in (JobState.validating, JobState.queued, JobState.in_progress)
+        if expiring and job.expires_at is not None and _as_utc(job.expires_at) < _as_utc(now):
+            return ChunkClaim("expired", chunk, "the job's completion window has passed", job)
         if chunk.attempts >= max_attempts:
             chunk.state = ChunkState.failed.value
             chunk.error_message = f"gave up after {chunk.attempts} attempts"
             chunk.finished_at = now
-            return ChunkClaim("exhausted", chunk, chunk.error_message)
+            return ChunkClaim("exhausted", chunk, chunk.error_message, job)
         chunk.state = ChunkState.running.value
         chunk.attempts += 1
         chunk.worker = worker
         chunk.started_at = now
         chunk.finished_at = None
         chunk.completed = chunk.failed = 0  # in-chunk progress of a lost attempt would count twice
-        return ChunkClaim("run", chunk, "redelivered" if state is ChunkState.running else "")
+        if job_state is JobState.queued:
+            job.state = JobState.in_progress.value
+            job.started_at = job.started_at or now
+        return ChunkClaim("run", chunk, "redelivered" if state is ChunkState.running else "", job)
+
+
+def _as_utc(ts: datetime) -> datetime:
+    # SQLite returns naive datetimes for timezone-aware columns; they are stored in UTC
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def finish_chunk(
@@ -311,9 +329,14 @@ def finish_chunk(
     completed: int,
     failed: int,
     error_message: str | None = None,
-) -> None:
-    """Record a chunk's outcome. A ``done`` chunk stays done: a late duplicate delivery that failed
-    (or was cancelled) after another delivery succeeded does not overwrite the success."""
+    metrics: Iterable[Any] = (),
+) -> dict[str, Any]:
+    """Record a chunk's outcome (and its ``metrics``, as ``record_metrics`` would) in one
+    transaction; returns the job's ``chunk_summary`` as of that commit, so the caller knows at
+    once whether this was the last chunk.
+
+    A ``done`` chunk stays done: a late duplicate delivery that failed (or was cancelled) after
+    another delivery succeeded does not overwrite the success."""
     new = _chunk_state(state)
     q = (
         update(Chunk)
@@ -327,6 +350,7 @@ def finish_chunk(
         )
         .execution_options(synchronize_session=False)
     )
+    latest = _latest_metrics(metrics)
     with write_session(db) as s:
         if new != ChunkState.done.value:
             q = q.where(Chunk.state != ChunkState.done.value)
@@ -334,6 +358,10 @@ def finish_chunk(
             exists = s.scalar(select(Chunk.id).where(Chunk.job_id == job_id, Chunk.index == index))
             if exists is None:
                 raise ChunkNotFound(job_id, index)
+        if latest:
+            # the UPDATE above holds the chunk row's lock: writers of this chunk's set are serialised
+            _replace_metrics(s, job_id, index, latest)
+        return _summary(s, job_id)
 
 
 def chunk_summary(db: DB, job_id: str) -> dict[str, Any]:
@@ -345,6 +373,11 @@ def chunk_summary(db: DB, job_id: str) -> dict[str, Any]:
     ``completed``/``failed`` are item counts summed over the chunks; ``finished`` is true when every
     chunk is in a terminal state (and there is at least one).
     """
+    with read_session(db) as s:
+        return _summary(s, job_id)
+
+
+def _summary(s: Session, job_id: str) -> dict[str, Any]:
     q = (
         select(
             Chunk.state,
@@ -355,13 +388,12 @@ def chunk_summary(db: DB, job_id: str) -> dict[str, Any]:
         .where(Chunk.job_id == job_id)
         .group_by(Chunk.state)
     )
-    counts = {s.value: 0 for s in ChunkState}
+    counts = {st.value: 0 for st in ChunkState}
     completed = failed = 0
-    with read_session(db) as s:
-        for state, n, c, f in s.execute(q):
-            counts[state] = counts.get(state, 0) + int(n)
-            completed += int(c)
-            failed += int(f)
+    for state, n, c, f in s.execute(q):
+        counts[state] = counts.get(state, 0) + int(n)
+        completed += int(c)
+        failed += int(f)
     total = sum(counts.values())
     pending = counts[ChunkState.queued.value] + counts[ChunkState.running.value]
     return {
@@ -451,6 +483,32 @@ def _metric_tuple(m: Any) -> tuple[str, float, str]:
     return str(name), float(value), str(unit or "")
 
 
+def _latest_metrics(metrics: Iterable[Any]) -> dict[str, tuple[float, str]]:
+    latest: dict[str, tuple[float, str]] = {}
+    for m in metrics:
+        name, value, unit = _metric_tuple(m)
+        latest[name] = (value, unit)  # the last value of a name in one call wins
+    return latest
+
+
+def _replace_metrics(
+    s: Session, job_id: str, chunk_index: int | None, latest: dict[str, tuple[float, str]]
+) -> None:
+    idx_match = (
+        MetricRow.chunk_index.is_(None) if chunk_index is None else MetricRow.chunk_index == chunk_index
+    )
+    s.execute(
+        delete(MetricRow)
+        .where(MetricRow.job_id == job_id, idx_match, MetricRow.name.in_(list(latest)))
+        .execution_options(synchronize_session=False)
+    )
+    now = utcnow()
+    s.add_all(
+        MetricRow(job_id=job_id, chunk_index=chunk_index, name=n, value=v, unit=u, created_at=now)
+        for n, (v, u) in latest.items()
+    )
+
+
 def record_metrics(
     db: DB, job_id: str, chunk_index: int | None, metrics: Iterable[tuple[str, float, str]]
 ) -> None:
@@ -461,15 +519,9 @@ def record_metrics(
     NULL chunk_index values as equal, so it would not catch duplicated job-level metrics. Items
     may be ``(name, value, unit)`` tuples or objects with those attributes (``Metric``).
     """
-    latest: dict[str, tuple[float, str]] = {}
-    for m in metrics:
-        name, value, unit = _metric_tuple(m)
-        latest[name] = (value, unit)  # the last value of a name in one call wins
+    latest = _latest_metrics(metrics)
     if not latest:
         return
-    idx_match = (
-        MetricRow.chunk_index.is_(None) if chunk_index is None else MetricRow.chunk_index == chunk_index
-    )
     for attempt in range(3):
         try:
             with write_session(db) as s:
@@ -484,16 +536,7 @@ def record_metrics(
                     )
                 if locked is None:
                     s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-                s.execute(
-                    delete(MetricRow)
-                    .where(MetricRow.job_id == job_id, idx_match, MetricRow.name.in_(list(latest)))
-                    .execution_options(synchronize_session=False)
-                )
-                now = utcnow()
-                s.add_all(
-                    MetricRow(job_id=job_id, chunk_index=chunk_index, name=n, value=v, unit=u, created_at=now)
-                    for n, (v, u) in latest.items()
-                )
+                _replace_metrics(s, job_id, chunk_index, latest)
             return
         except IntegrityError:
             # metrics of a chunk without a chunk row, written concurrently: the other writer's

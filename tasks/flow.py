@@ -203,13 +203,18 @@ def execute_chunk(svc: Services, job_id: str, index: int, *, device: str = "cpu"
                   engine_overrides: dict[str, Any] | None = None,
                   on_progress: Callable[[int], None] | None = None) -> str:
     """Run one chunk; returns "done", "skipped", "failed" or "missing". Raises ChunkFailed when the
-    engine raised and another attempt is allowed (the caller re-queues it)."""
-    job = repo.get_job(svc.db, job_id)
+    engine raised and another attempt is allowed (the caller re-queues it).
+
+    Two SQL transactions on the way of a chunk that runs: the claim (which also starts the job)
+    and the finish (outcome, metrics and the job's chunk summary), so the per-chunk cost stays small
+    next to the engine's work."""
+    claim = repo.claim_chunk(svc.db, job_id, index, worker, svc.settings.max_attempts)
+    job = claim.job
     if job is None:
         return "missing"
-    if job.expires_at and _aware(job.expires_at) < datetime.now(UTC) and job.state in ACTIVE_STATES:
+    if claim.action == "expired":
         expire_job(svc, job_id)
-    claim = repo.claim_chunk(svc.db, job_id, index, worker, svc.settings.max_attempts)
+        return "skipped"
     if claim.action == "skip":
         maybe_finalize(svc, job_id)
         return "skipped"
@@ -217,9 +222,7 @@ def execute_chunk(svc: Services, job_id: str, index: int, *, device: str = "cpu"
     requests = _read_jsonl(svc.bucket.get_bytes(f"{job_prefix(job_id)}/requests/{index:05d}.jsonl"))
     if claim.action == "exhausted":
         _fail_chunk_items(svc, job, index, requests, claim.reason or "gave up after repeated attempts")
-        maybe_finalize(svc, job_id)
         return "failed"
-    repo.set_job_state(svc.db, job_id, JobState.in_progress.value, only_from=[JobState.queued.value])
     progress = _Progress(svc, job_id, index)
 
     def report(n: int) -> None:
@@ -240,20 +243,20 @@ def execute_chunk(svc: Services, job_id: str, index: int, *, device: str = "cpu"
                               error_message=message)
             raise ChunkFailed(message, retry=True) from e
         _fail_chunk_items(svc, job, index, requests, message)
-        maybe_finalize(svc, job_id)
         return "failed"
     prefix = job_prefix(job_id)
     svc.bucket.put_bytes(f"{prefix}/parts/{index:05d}.results.jsonl", _jsonl(result.results))
     svc.bucket.put_bytes(f"{prefix}/parts/{index:05d}.errors.jsonl", _jsonl(result.errors))
-    repo.record_metrics(svc.db, job_id, index, [(m.name, m.value, m.unit) for m in result.metrics])
-    repo.finish_chunk(svc.db, job_id, index, state=ChunkState.done.value, completed=len(result.results),
-                      failed=len(result.errors))
-    maybe_finalize(svc, job_id)
+    summary = repo.finish_chunk(svc.db, job_id, index, state=ChunkState.done.value,
+                                completed=len(result.results), failed=len(result.errors),
+                                metrics=[(m.name, m.value, m.unit) for m in result.metrics])
+    maybe_finalize(svc, job_id, summary)
     return "done"
 
 
 def _fail_chunk_items(svc: Services, job: Job, index: int, requests: list[dict[str, Any]], message: str) -> None:
-    """A chunk that cannot run fails its items (each an error entry), not the other chunks."""
+    """A chunk that cannot run fails its items (each an error entry), not the other chunks; the job
+    finalizes when this was its last chunk."""
     errors = [{"id": f"{job.id}-{r.get('line')}", "custom_id": r.get("custom_id"), "line": r.get("line"),
                "response": {"status_code": 500, "body": {"error": {"code": "chunk_failed", "message": message}}},
                "error": {"code": "chunk_failed", "message": f"line {r.get('line')}: {message}"}}
@@ -261,17 +264,19 @@ def _fail_chunk_items(svc: Services, job: Job, index: int, requests: list[dict[s
     prefix = job_prefix(job.id)
     svc.bucket.put_bytes(f"{prefix}/parts/{index:05d}.results.jsonl", b"")
     svc.bucket.put_bytes(f"{prefix}/parts/{index:05d}.errors.jsonl", _jsonl(errors))
-    repo.finish_chunk(svc.db, job.id, index, state=ChunkState.failed.value, completed=0, failed=len(errors),
-                      error_message=message)
+    summary = repo.finish_chunk(svc.db, job.id, index, state=ChunkState.failed.value, completed=0,
+                                failed=len(errors), error_message=message)
+    maybe_finalize(svc, job.id, summary)
 
 
 # ---------------------------------------------------------------- finalize, cancel, expire
 
 
-def maybe_finalize(svc: Services, job_id: str) -> bool:
-    """Finalize when every chunk is terminal; the conditional state change makes exactly one caller
-    do it, even when two workers finish the last two chunks at once."""
-    summary = repo.chunk_summary(svc.db, job_id)
+def maybe_finalize(svc: Services, job_id: str, summary: dict[str, Any] | None = None) -> bool:
+    """Finalize when every chunk is terminal (``summary``: the job's chunk summary when the caller
+    has it already); the conditional state change makes exactly one caller do it, even when two
+    workers finish the last two chunks at once."""
+    summary = summary or repo.chunk_summary(svc.db, job_id)
     if any(summary["chunks"].get(s.value, 0) for s in ChunkState if not s.terminal):
         return False
     job = repo.get_job(svc.db, job_id)

@@ -269,6 +269,42 @@ def test_chunk_run_and_summary(db: DB) -> None:
         repo.create_chunks(db, "nope", [(0, 1)])
 
 
+def test_claim_starts_the_job_and_finish_reports_the_last_chunk(db: DB) -> None:
+    # a chunk's whole bookkeeping is two transactions: the claim starts a queued job and hands
+    # back its row; the finish stores outcome and metrics and says whether the job's chunks are done
+    new_job(db, "job_1")
+    repo.create_chunks(db, "job_1", [(0, 10), (10, 20)])
+    repo.set_job_state(db, "job_1", "queued")
+    claim = repo.claim_chunk(db, "job_1", 0, "w", max_attempts=3)
+    assert claim.run and claim.job.id == "job_1" and claim.job.state == "in_progress"
+    job = repo.get_job(db, "job_1")
+    assert job.state == "in_progress" and job.started_at is not None
+    started = job.started_at
+    assert repo.claim_chunk(db, "job_1", 1, "w", max_attempts=3).job.started_at == started
+
+    first = repo.finish_chunk(db, "job_1", 0, state="done", completed=9, failed=1,
+                              metrics=[("tokens_per_s", 10.0, "tokens/s"), ("wall_s", 2.0, "s")])
+    assert not first["finished"] and first["chunks"]["running"] == 1
+    last = repo.finish_chunk(db, "job_1", 1, state="done", completed=10, failed=0,
+                             metrics=[("tokens_per_s", 20.0, "tokens/s")])
+    assert last["finished"] and (last["completed"], last["failed"]) == (19, 1)
+    got = {(m.chunk_index, m.name): m.value for m in repo.job_metrics(db, "job_1")}
+    assert got == {(0, "tokens_per_s"): 10.0, (0, "wall_s"): 2.0, (1, "tokens_per_s"): 20.0}
+    # a redelivered chunk's finish replaces its metrics instead of adding a second set
+    repo.finish_chunk(db, "job_1", 1, state="done", completed=10, failed=0,
+                      metrics=[("tokens_per_s", 30.0, "tokens/s")])
+    assert [m.value for m in repo.job_metrics(db, "job_1") if m.chunk_index == 1] == [30.0]
+
+
+def test_claim_of_a_job_past_its_window_changes_nothing(db: DB) -> None:
+    make_chunked_job(db, 1)
+    repo.update_job(db, "job_1", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    claim = repo.claim_chunk(db, "job_1", 0, "w", max_attempts=3)
+    assert claim.action == "expired" and not claim.run
+    chunk = repo.get_chunk(db, "job_1", 0)
+    assert (chunk.state, chunk.attempts) == ("queued", 0)
+
+
 def test_finish_chunk_does_not_undo_done(db: DB) -> None:
     make_chunked_job(db, 1)
     repo.claim_chunk(db, "job_1", 0, "a", max_attempts=3)
