@@ -189,7 +189,10 @@ class StepFunctions:
     def _prefill_eager(
         self, tokens: Tensor, input_pos: Tensor, index: Tensor, slots: Tensor, rows: Tensor
     ) -> Tensor:
-        return self.model(tokens, input_pos, logits_index=index, kv_len=slots.shape[0], cache_rows=rows)
+        # prefill() feeds every row the same positions, ending at kv_len - 1
+        return self.model(
+            tokens, input_pos, logits_index=index, kv_len=slots.shape[0], cache_rows=rows, prompt_chunk=True
+        )
 
     def decode(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
         """Logits `[B, V]` and their argmax `[B]` for one token per row at `input_pos [B, 1]`."""

@@ -1,0 +1,451 @@
+// GenMill's CPU kernels for the LLM engine (AVX-512, fp32 and bf16; OpenMP over the work items).
+//
+// Built on first use by workers/llm/cpu_kernels.py (g++ -O3 -march=native -fopenmp
+// -ffp-contract=off). Every kernel takes raw pointers plus strides; the Python side checks shapes,
+// dtypes and layouts. Accumulation is always fp32. Where torch rounds an intermediate to the
+// model dtype (bf16), the kernels round at the same places, so results stay close to the eager path.
+//
+//   genmill_decode_step      one new token per row: RoPE, KV-cache write, attention over the cache
+//   genmill_prefill_attention causal attention of prompts that start at position 0
+//   genmill_rms_norm         (residual add +) RMSNorm, transformers' rounding order
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+using bf16 = uint16_t;
+
+// ---------------------------------------------------------------------------------------------
+// loads, stores, rounding
+
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const bf16* p) {  // bf16 -> fp32: the bits become the high half
+  __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 load16(const bf16* p, __mmask16 m) {
+  __m512i x = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+// fp32 -> bf16 bits, round to nearest even (as torch does)
+static inline __m256i to_bf16(__m512 x) {
+  __m512i u = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+static inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+static inline void store16(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, to_bf16(x)); }
+static inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+static inline void store16(bf16* p, __m512 x, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(x)); }
+
+// the value x takes when stored in T: identity for fp32, bf16 rounding for bf16
+static inline __m512 round_to(__m512 x, const float*) { return x; }
+static inline __m512 round_to(__m512 x, const bf16*) {
+  __m512i w = _mm512_cvtepu16_epi32(to_bf16(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// bring [p, p + bytes) toward L1 ahead of use: the decode kernel streams the KV cache from DRAM,
+// and without this each (row, head) block starts with the hardware prefetcher cold
+static inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = (const char*)p;
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
+static inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// exp of 16 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor (rel. error ~2e-7)
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// r[j] = sum of the 16 lanes of v[j]: a transpose-and-add tree, ~45 instructions for 16 sums
+// instead of 16 separate horizontal reductions
+static inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // b[g] holds, per 128-bit block k, the block-k sums of vectors 4g..4g+3: add the blocks up
+  __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d01, d23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// RoPE in transformers' "rotate half" layout on one head of D values (fp32 in and out):
+// y[i] = x[i] cos[i] - x[i + D/2] sin[i],  y[i + D/2] = x[i + D/2] cos[i + D/2] + x[i] sin[i + D/2]
+template <int D>
+static inline void rope(float* x, const float* cos, const float* sin) {
+  constexpr int H = D / 2;
+  alignas(64) float lo[H > 16 ? H : 16], hi[H > 16 ? H : 16];
+  for (int i = 0; i < H; ++i) lo[i] = x[i], hi[i] = x[i + H];
+  for (int i = 0; i < H; ++i) {
+    // products rounded first, then added: the same two roundings as torch's q*cos + rot(q)*sin
+    const float a = lo[i] * cos[i], b = hi[i] * sin[i];
+    const float c = hi[i] * cos[i + H], d = lo[i] * sin[i + H];
+    x[i] = a - b;
+    x[i + H] = c + d;
+  }
+}
+
+// one head of D values from T storage to fp32
+template <typename T, int D>
+static inline void head_to_float(float* dst, const T* src) {
+  for (int c = 0; c < D; c += 16) store16(dst + c, load16(src + c));
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode: one query per row over the static KV cache
+
+// q . k partial sums for one key row (16 lanes, summed later by hsum16)
+template <int D>
+static inline __m512 dot_partial(const __m512* qv, const float* kr) {
+  __m512 a = _mm512_mul_ps(qv[0], load16(kr));
+  for (int c = 1; c < D / 16; ++c) a = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), a);
+  return a;
+}
+template <int D>
+static inline __m512 dot_partial(const __m512* qv, const bf16* kr) {
+#ifdef __AVX512BF16__
+  if constexpr (D % 32 == 0) {  // qv holds q as bf16 pairs (see load_query): one dpbf16 per 32 values
+    __m512 a = _mm512_setzero_ps();
+    for (int c = 0; c < D / 32; ++c)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_castps_si512(qv[c]), (__m512bh)_mm512_loadu_si512(kr + 32 * c));
+    return a;
+  }
+#endif
+  __m512 a = _mm512_mul_ps(qv[0], load16(kr));
+  for (int c = 1; c < D / 16; ++c) a = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), a);
+  return a;
+}
+// q (fp32 values already rounded to T) in the form dot_partial wants
+template <int D>
+static inline void load_query(__m512* qv, const float* q, const float*) {
+  for (int c = 0; c < D / 16; ++c) qv[c] = load16(q + 16 * c);
+}
+template <int D>
+static inline void load_query(__m512* qv, const float* q, const bf16*) {
+#ifdef __AVX512BF16__
+  if constexpr (D % 32 == 0) {
+    for (int c = 0; c < D / 32; ++c)
+      qv[c] = (__m512)_mm512_cvtne2ps_pbh(load16(q + 32 * c + 16), load16(q + 32 * c));
+    return;
+  }
+#endif
+  for (int c = 0; c < D / 16; ++c) qv[c] = load16(q + 16 * c);
+}
+
+template <typename T, int D>
+static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t sv, T* kc, T* vc,
+                        const int64_t* pos, const float* cos, const float* sin, T* out, int64_t B, int64_t H,
+                        int64_t Hkv, int64_t S, float q_scale, float scale) {
+  const int64_t group = H / Hkv;
+  const __m512 vscale = _mm512_set1_ps(scale);
+#pragma omp parallel
+  {
+    alignas(64) float buf[D];
+    // 1) the new token's k (rotated) and v go into cache slot pos[b] of row b
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t slot = ((b * Hkv + h) * S + pos[b]) * D;
+        head_to_float<T, D>(buf, k + b * sk + h * D);
+        if (cos != nullptr) rope<D>(buf, cos + pos[b] * D, sin + pos[b] * D);
+        for (int c = 0; c < D; c += 16) store16(kc + slot + c, load16(buf + c));
+        for (int c = 0; c < D; c += 16) store16(vc + slot + c, load16(v + b * sv + h * D + c));
+      }
+    }
+    // (implicit barrier: every row's new k/v is in the cache before any query reads it)
+    std::vector<float> sc(S + 16);
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t n = pos[b] + 1;
+        const T* kp = kc + (b * Hkv + h / group) * S * D;
+        const T* vp = vc + (b * Hkv + h / group) * S * D;
+        // the query as torch would hold it: rotated, rounded to T, (OPT) scaled and rounded again
+        head_to_float<T, D>(buf, q + b * sq + h * D);
+        if (cos != nullptr) rope<D>(buf, cos + pos[b] * D, sin + pos[b] * D);
+        for (int c = 0; c < D; c += 16) {
+          __m512 x = round_to(load16(buf + c), (const T*)nullptr);
+          if (q_scale != 1.0f) x = round_to(_mm512_mul_ps(x, _mm512_set1_ps(q_scale)), (const T*)nullptr);
+          store16(buf + c, x);
+        }
+        __m512 qv[D / 16];
+        load_query<D>(qv, buf, (const T*)nullptr);
+        // scores, 16 keys at a time; running max
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t s0 = 0; s0 < n; s0 += 16) {
+          const int cnt = int(std::min<int64_t>(16, n - s0));
+          // the next key tile, and this tile's values (read by the value pass below)
+          if (s0 + 16 < n) prefetch(kp + (s0 + 16) * D, std::min<int64_t>(16, n - s0 - 16) * D * sizeof(T));
+          prefetch(vp + s0 * D, cnt * D * sizeof(T));
+          __m512 part[16];
+          for (int j = 0; j < cnt; ++j) part[j] = dot_partial<D>(qv, kp + (s0 + j) * D);
+          for (int j = cnt; j < 16; ++j) part[j] = _mm512_setzero_ps();
+          const __mmask16 valid = first(cnt);
+          const __m512 s = _mm512_mul_ps(hsum16(part), vscale);
+          store16(sc.data() + s0, s, valid);
+          mx = _mm512_mask_max_ps(mx, valid, mx, s);
+        }
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 lv = _mm512_setzero_ps();
+        for (int64_t s0 = 0; s0 < n; s0 += 16) {
+          const __mmask16 valid = first(int(std::min<int64_t>(16, n - s0)));
+          const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(load16(sc.data() + s0, valid), m)));
+          store16(sc.data() + s0, p, valid);
+          lv = _mm512_add_ps(lv, p);
+        }
+        // values: U keys per iteration into U accumulator sets, so the FMA chains do not wait on
+        // each other (one set would run at one key per FMA latency)
+        constexpr int U = D <= 64 ? 4 : 2;
+        __m512 acc[U][D / 16];
+        for (int u = 0; u < U; ++u)
+          for (int c = 0; c < D / 16; ++c) acc[u][c] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + U <= n; j += U) {
+          for (int u = 0; u < U; ++u) {
+            const __m512 pj = _mm512_set1_ps(sc[j + u]);
+            const T* vr = vp + (j + u) * D;
+            for (int c = 0; c < D / 16; ++c) acc[u][c] = _mm512_fmadd_ps(pj, load16(vr + 16 * c), acc[u][c]);
+          }
+        }
+        for (; j < n; ++j) {
+          const __m512 pj = _mm512_set1_ps(sc[j]);
+          const T* vr = vp + j * D;
+          for (int c = 0; c < D / 16; ++c) acc[0][c] = _mm512_fmadd_ps(pj, load16(vr + 16 * c), acc[0][c]);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lv));
+        T* o = out + (b * H + h) * D;
+        for (int c = 0; c < D / 16; ++c) {
+          __m512 a = acc[0][c];
+          for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][c]);
+          store16(o + 16 * c, _mm512_mul_ps(a, inv));
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// prefill: causal attention of Lq queries at positions Lk-Lq..Lk-1 over keys 0..Lk-1, per (row,
+// head); every row of the batch at the same positions (prompts prefilled from position 0, in chunks)
+
+// R query rows at once: the key tile (and value rows) loaded once serve R rows
+template <int D> constexpr int prefill_rows() { return D <= 64 ? 4 : (D == 128 ? 2 : 1); }
+
+template <typename T, int D>
+static void prefill_attention(const T* q, const int64_t* qs, const T* k, const int64_t* ks, const T* v,
+                              const int64_t* vs, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t Lq,
+                              int64_t Lk, float scale) {
+  // q/k/v strides: [batch, head, position] (the last dim is contiguous); out is [B, Lq, H, D]
+  constexpr int R = prefill_rows<D>();
+  const int64_t group = H / Hkv;
+  const int64_t offset = Lk - Lq;  // query i sits at position offset + i and sees keys 0..offset+i
+  const int64_t Lp = (Lk + 15) / 16 * 16;
+#pragma omp parallel
+  {
+    std::vector<float> kt(D * Lp), vf(Lk * D), sc(R * Lp);
+    alignas(64) float qf[R][D];
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        // K transposed to [D][Lp] (zero-padded) and V as fp32, once for the heads of this kv head
+        const T* kb = k + b * ks[0] + hk * ks[1];
+        const T* vb = v + b * vs[0] + hk * vs[1];
+        std::fill(kt.begin(), kt.end(), 0.0f);
+        alignas(64) float row[D];
+        for (int64_t j = 0; j < Lk; ++j) {
+          head_to_float<T, D>(row, kb + j * ks[2]);
+          for (int d = 0; d < D; ++d) kt[d * Lp + j] = row[d];
+          head_to_float<T, D>(vf.data() + j * D, vb + j * vs[2]);
+        }
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const T* qb = q + b * qs[0] + h * qs[1];
+          for (int64_t i0 = 0; i0 < Lq; i0 += R) {
+            const int rows = int(std::min<int64_t>(R, Lq - i0));
+            for (int r = 0; r < R; ++r) {
+              if (r < rows) head_to_float<T, D>(qf[r], qb + (i0 + r) * qs[2]);
+              else std::fill(qf[r], qf[r] + D, 0.0f);
+            }
+            const int64_t n = offset + i0 + rows;  // keys 0..n-1 are visible to some row of the block
+            // scores: R rows x 16 keys per tile, the key tile read once per d
+            for (int64_t j0 = 0; j0 < n; j0 += 16) {
+              __m512 acc[R];
+              for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+              for (int d = 0; d < D; ++d) {
+                const __m512 kv = _mm512_loadu_ps(kt.data() + d * Lp + j0);
+                for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r][d]), kv, acc[r]);
+              }
+              for (int r = 0; r < R; ++r) _mm512_storeu_ps(sc.data() + r * Lp + j0, acc[r]);
+            }
+            // softmax of each row over its causal prefix; later keys get probability 0
+            for (int r = 0; r < rows; ++r) {
+              float* s = sc.data() + r * Lp;
+              const int64_t nr = offset + i0 + r + 1;
+              float m = -INFINITY;
+              for (int64_t j = 0; j < nr; ++j) m = std::max(m, s[j] * scale);
+              __m512 lv = _mm512_setzero_ps();
+              const __m512 vm = _mm512_set1_ps(m), vscale = _mm512_set1_ps(scale);
+              for (int64_t j0 = 0; j0 < n; j0 += 16) {
+                const __mmask16 valid = first(int(std::max<int64_t>(0, std::min<int64_t>(16, nr - j0))));
+                const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j0), vscale, vm);
+                const __m512 p = _mm512_maskz_mov_ps(valid, exp16(x));
+                _mm512_storeu_ps(s + j0, p);
+                lv = _mm512_add_ps(lv, p);
+              }
+              const float inv = 1.0f / _mm512_reduce_add_ps(lv);
+              for (int64_t j0 = 0; j0 < n; j0 += 16)
+                _mm512_storeu_ps(s + j0, _mm512_mul_ps(_mm512_loadu_ps(s + j0), _mm512_set1_ps(inv)));
+            }
+            // out rows = P V: each value row read once for the R rows
+            __m512 o[R][D / 16];
+            for (int r = 0; r < R; ++r)
+              for (int c = 0; c < D / 16; ++c) o[r][c] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; ++j) {
+              const float* vr = vf.data() + j * D;
+              for (int c = 0; c < D / 16; ++c) {
+                const __m512 x = _mm512_loadu_ps(vr + 16 * c);
+                for (int r = 0; r < R; ++r)
+                  o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * Lp + j]), x, o[r][c]);
+              }
+            }
+            for (int r = 0; r < rows; ++r) {
+              T* dst = out + ((b * Lq + i0 + r) * H + h) * D;
+              for (int c = 0; c < D / 16; ++c) store16(dst + 16 * c, o[r][c]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, optionally after a residual add: s = x + res (stored), y = w * T(s / rms(s))
+
+template <typename T>
+static void rms_norm(const T* x, const T* res, const T* w, T* sum_out, T* y, int64_t N, int64_t C, float eps) {
+#pragma omp parallel for schedule(static) if (N * C >= 32768)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* xr = x + i * C;
+    T* sr = sum_out != nullptr ? sum_out + i * C : nullptr;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 m = first(int(std::min<int64_t>(16, C - c)));
+      __m512 a = load16(xr + c, m);
+      if (res != nullptr) {
+        a = round_to(_mm512_add_ps(a, load16(res + i * C + c, m)), (const T*)nullptr);
+        store16(sr + c, a, m);
+      }
+      ss = _mm512_fmadd_ps(a, a, ss);
+    }
+    // torch: rsqrt(mean(s^2) + eps), its mean being sum * (1 / C)
+    const float r = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) * (1.0f / float(C)) + eps);
+    const T* src = res != nullptr ? sr : xr;
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 m = first(int(std::min<int64_t>(16, C - c)));
+      const __m512 a = round_to(_mm512_mul_ps(load16(src + c, m), _mm512_set1_ps(r)), (const T*)nullptr);
+      store16(y + i * C + c, _mm512_mul_ps(load16(w + c, m), a), m);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU's gate: y = T(silu(a)) * b for h = [a | b] (rows of 2I values), torch's two roundings
+
+template <typename T>
+static void silu_mul(const T* h, T* y, int64_t N, int64_t I) {
+#pragma omp parallel for schedule(static) if (N * I >= 32768)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* a = h + i * 2 * I;
+    const T* b = a + I;
+    for (int64_t c = 0; c < I; c += 16) {
+      const __mmask16 m = first(int(std::min<int64_t>(16, I - c)));
+      const __m512 x = load16(a + c, m);
+      // x * sigmoid(x) = x / (1 + exp(-x))
+      const __m512 g = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+      store16(y + i * I + c, _mm512_mul_ps(round_to(g, (const T*)nullptr), load16(b + c, m)), m);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// C entry points; return 0 on success, 1 for an unsupported head size
+
+#define GENMILL_HEAD_DIMS(X) X(16) X(32) X(64) X(128) X(256)
+
+extern "C" int genmill_decode_step(int is_bf16, const void* q, int64_t sq, const void* k, int64_t sk, const void* v,
+                                   int64_t sv, void* kc, void* vc, const int64_t* pos, const float* cos,
+                                   const float* sin, void* out, int64_t B, int64_t H, int64_t Hkv, int64_t S,
+                                   int64_t D, float q_scale, float scale) {
+#define GENMILL_CASE(DD)                                                                                      \
+  if (D == DD) {                                                                                              \
+    if (is_bf16)                                                                                              \
+      decode_step<bf16, DD>((const bf16*)q, sq, (const bf16*)k, sk, (const bf16*)v, sv, (bf16*)kc, (bf16*)vc, \
+                            pos, cos, sin, (bf16*)out, B, H, Hkv, S, q_scale, scale);                        \
+    else                                                                                                      \
+      decode_step<float, DD>((const float*)q, sq, (const float*)k, sk, (const float*)v, sv, (float*)kc,      \
+                             (float*)vc, pos, cos, sin, (float*)out, B, H, Hkv, S, q_scale, scale);          \
+    return 0;                                                                                                 \
+  }
+  GENMILL_HEAD_DIMS(GENMILL_CASE)
+#undef GENMILL_CASE
+  return 1;
+}
+
+extern "C" int genmill_prefill_attention(int is_bf16, const void* q, const int64_t* qs, const void* k,
+                                         const int64_t* ks, const void* v, const int64_t* vs, void* out, int64_t B,
+                                         int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, float scale) {
+#define GENMILL_CASE(DD)                                                                                     \
+  if (D == DD) {                                                                                             \
+    if (is_bf16)                                                                                             \
+      prefill_attention<bf16, DD>((const bf16*)q, qs, (const bf16*)k, ks, (const bf16*)v, vs, (bf16*)out, B, \
+                                  H, Hkv, Lq, Lk, scale);                                                         \
+    else                                                                                                     \
+      prefill_attention<float, DD>((const float*)q, qs, (const float*)k, ks, (const float*)v, vs,           \
+                                   (float*)out, B, H, Hkv, Lq, Lk, scale);                                        \
+    return 0;                                                                                                \
+  }
+  GENMILL_HEAD_DIMS(GENMILL_CASE)
+#undef GENMILL_CASE
+  return 1;
+}
+
+extern "C" int genmill_silu_mul(int is_bf16, const void* h, void* y, int64_t N, int64_t I) {
+  if (is_bf16) silu_mul<bf16>((const bf16*)h, (bf16*)y, N, I);
+  else silu_mul<float>((const float*)h, (float*)y, N, I);
+  return 0;
+}
+
+extern "C" int genmill_rms_norm(int is_bf16, const void* x, const void* res, const void* w, void* sum_out, void* y,
+                                int64_t N, int64_t C, float eps) {
+  if (is_bf16)
+    rms_norm<bf16>((const bf16*)x, (const bf16*)res, (const bf16*)w, (bf16*)sum_out, (bf16*)y, N, C, eps);
+  else
+    rms_norm<float>((const float*)x, (const float*)res, (const float*)w, (float*)sum_out, (float*)y, N, C, eps);
+  return 0;
+}
