@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the LLM engine: decode step, prefill attention, (residual add +) RMSNorm.
+"""Fused CPU kernels for the LLM engine: decode step, prompt attention, (residual add +) RMSNorm,
+SwiGLU gate, greedy argmax.
 
 Why: on the CPU, a batch-64 decode step spends as long outside the matmuls as in them. torch runs
 RoPE, the KV-cache write (`index_put_`, ~170 us a call), the attention and RMSNorm as a dozen small
@@ -10,7 +11,8 @@ accumulation, OpenMP) do each of those in one pass; `csrc/cpu_kernels.cpp` has t
 The source is compiled on first use with the system's g++ (about two seconds) into a per-user cache
 keyed by the source's hash. Without g++, without AVX-512, or when the build fails, `available()`
 is False and the model keeps its torch paths. Each kernel is a torch custom op
-(`genmill::...`), so a compiled (inductor) graph calls it as an opaque kernel.
+(`genmill::...`), so a compiled (inductor) graph calls it as an opaque kernel; eager code calls the
+kernel directly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,9 +72,12 @@ _SIGNATURES = {
     "genmill_decode_step": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
     + [_I64] * 5
     + [_F32, _F32],
-    "genmill_prefill_attention": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR] + [_I64] * 6 + [_F32],
+    "genmill_prefill_step": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR]
+    + [_I64] * 6
+    + [_F32, _F32],
     "genmill_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
+    "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
 }
 
 
@@ -98,6 +105,25 @@ def available() -> bool:
     return _library() is not None
 
 
+def _kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Any]:
+    """Register the decorated function as the torch custom op `genmill::name`, which compiled
+    graphs call as an opaque kernel; eager callers get the function itself (the custom-op
+    dispatcher costs ~8 us a call, ~50 calls a decode step). `.op` is the custom op
+    (`.op.register_fake`)."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        op = torch.library.custom_op(f"genmill::{name}", mutates_args=mutates_args)(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+        call.op = op
+        return call
+
+    return wrap
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
@@ -110,21 +136,7 @@ def _check(status: int, what: str, head_dim: int) -> None:
 # ---- decode step ----
 
 
-def supports_decode(q: Tensor, k_cache: Tensor) -> bool:
-    """Whether `decode_step` can run on queries q `[B, H*D]`-like rows and this cache: CPU, fp32 or
-    bf16, a contiguous `[B', H_kv, S, D]` cache of the same dtype. Metadata only (traceable by
-    torch.compile); check `available()` once beforehand."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype in _DTYPES
-        and k_cache.dtype == q.dtype
-        and k_cache.dim() == 4
-        and k_cache.shape[-1] in HEAD_DIMS
-        and k_cache.is_contiguous()
-    )
-
-
-@torch.library.custom_op("genmill::decode_step", mutates_args=("k_cache", "v_cache"))
+@_kernel_op("decode_step", mutates_args=("k_cache", "v_cache"))
 def decode_step(
     q: Tensor,
     k: Tensor,
@@ -159,51 +171,60 @@ def decode_step(
     return out
 
 
-@decode_step.register_fake
+@decode_step.op.register_fake
 def _(q, k, v, k_cache, v_cache, pos, cos, sin, q_scale, scale) -> Tensor:
     return q.new_empty(q.shape[0], q.shape[1])
 
 
-# ---- prefill attention ----
+# ---- prompt chunk ----
 
 
-def supports_prefill(q: Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype in _DTYPES and q.shape[-1] in HEAD_DIMS
+@_kernel_op("prefill_step", mutates_args=("k_cache", "v_cache"))
+def prefill_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    rows: Tensor,
+    start: int,
+    cos: Tensor,
+    sin: Tensor,
+    q_scale: float,
+    scale: float,
+) -> Tensor:
+    """A prompt chunk: every row's T tokens sit at positions start..start+T-1. Rotates q and k
+    (RoPE, when `cos`/`sin` are not empty), writes k and v to slots start..start+T-1 of cache rows
+    `rows [B]`, and attends causally over slots 0..start+T-1 (query i sees 0..start+i).
 
-
-@torch.library.custom_op("genmill::prefill_attention", mutates_args=())
-def prefill_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Causal attention of q `[B, H, Lq, D]` over k/v `[B, H_kv, Lk, D]` (Lk >= Lq): query i is at
-    position Lk - Lq + i and sees keys 0..Lk-Lq+i, the same in every row (a prompt chunk prefilled
-    after the earlier ones). Any strides with a contiguous last dim. Returns `[B, Lq, H*D]`, the
-    layout the output projection reads."""
-    b, h, lq, d = q.shape
-    h_kv, lk = k.shape[1], k.shape[2]
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
-    out = torch.empty(b, lq, h * d, dtype=q.dtype)
-    status = _library().genmill_prefill_attention(
-        _DTYPES[q.dtype], q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(),
-        v.data_ptr(), strides[2].data_ptr(), out.data_ptr(), b, h, h_kv, lq, lk, d, scale,
+    q `[B, T, H*D]`, k/v `[B, T, H_kv*D]` (strided rows allowed, e.g. column slices of one qkv
+    output); caches `[B', H_kv, S, D]` contiguous. Returns `[B, T, H*D]`.
+    """
+    b, t = q.shape[:2]
+    h_kv, s, d = k_cache.shape[1:]
+    h = q.shape[2] // d
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    strides = torch.tensor([q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1)])
+    rows = rows.to(torch.int64).contiguous()
+    out = torch.empty(b, t, h * d, dtype=q.dtype)
+    status = _library().genmill_prefill_step(
+        _DTYPES[q.dtype], q.data_ptr(), strides.data_ptr(), k.data_ptr(), strides.data_ptr() + 16,
+        v.data_ptr(), strides.data_ptr() + 32, k_cache.data_ptr(), v_cache.data_ptr(), rows.data_ptr(), start,
+        _ptr(cos), _ptr(sin), out.data_ptr(), b, h, h_kv, t, s, d, q_scale, scale,
     )  # fmt: skip
-    _check(status, "prefill_attention", d)
+    _check(status, "prefill_step", d)
     return out
 
 
-@prefill_attention.register_fake
-def _(q, k, v, scale) -> Tensor:
-    b, h, lq, d = q.shape
-    return q.new_empty(b, lq, h * d)
+@prefill_step.op.register_fake
+def _(q, k, v, k_cache, v_cache, rows, start, cos, sin, q_scale, scale) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2])
 
 
 # ---- RMSNorm ----
 
 
-def supports_norm(x: Tensor, weight: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _DTYPES and weight.dtype == x.dtype
-
-
-@torch.library.custom_op("genmill::rms_norm", mutates_args=())
+@_kernel_op("rms_norm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """transformers' LlamaRMSNorm in one pass: weight * T(x / sqrt(mean(x^2) + eps)), fp32 inside."""
     x = x.contiguous()
@@ -214,12 +235,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return y
 
 
-@rms_norm.register_fake
+@rms_norm.op.register_fake
 def _(x, weight, eps) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("genmill::add_rms_norm", mutates_args=())
+@_kernel_op("add_rms_norm")
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(s, rms_norm(s)) with s = x + residual: a block's residual add and the next norm in one pass."""
     x, residual = x.contiguous(), residual.contiguous()
@@ -230,7 +251,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
     return s, y
 
 
-@add_rms_norm.register_fake
+@add_rms_norm.op.register_fake
 def _(x, residual, weight, eps) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -238,7 +259,7 @@ def _(x, residual, weight, eps) -> tuple[Tensor, Tensor]:
 # ---- SwiGLU gate ----
 
 
-@torch.library.custom_op("genmill::silu_mul", mutates_args=())
+@_kernel_op("silu_mul")
 def silu_mul(h: Tensor) -> Tensor:
     """silu(a) * b for h = [a | b] along the last dim (a fused gate/up projection's output)."""
     h = h.contiguous()
@@ -248,6 +269,28 @@ def silu_mul(h: Tensor) -> Tensor:
     return y
 
 
-@silu_mul.register_fake
+@silu_mul.op.register_fake
 def _(h) -> Tensor:
     return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+
+# ---- greedy pick ----
+
+
+def supports_argmax(logits: Tensor) -> bool:
+    return logits.device.type == "cpu" and logits.dtype in _DTYPES and logits.dim() == 2
+
+
+@_kernel_op("argmax")
+def argmax(logits: Tensor) -> Tensor:
+    """Index of each row's first maximum of `logits [B, V]` (NaN counts as the maximum, as in
+    torch.max): one pass, ~10x faster than torch's max().indices on bf16 logits."""
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _library().genmill_argmax(_DTYPES[logits.dtype], logits.data_ptr(), out.data_ptr(), *logits.shape)
+    return out
+
+
+@argmax.op.register_fake
+def _(logits) -> Tensor:
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)

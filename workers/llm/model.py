@@ -262,9 +262,12 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         cache_rows: Tensor | None = None,
         kv_len: int | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """mask None (with kv_len): the CPU kernels' steps, chosen by Transformer.forward: a decode
-        step (t == 1), or a prompt chunk whose rows all sit at positions kv_len-t..kv_len-1."""
+        step (t == 1), or a prompt chunk whose rows all sit at positions kv_len-t..kv_len-1.
+        keep `[B]`: every position's k/v goes to the cache, but only the query at position keep[b]
+        of each row is attended; returns `[B, 1, dim]` (the last layer of a prefill)."""
         b, t, _ = x.shape
         q, k, v = self._project(x)
         scale = self.head_dim**-0.5
@@ -280,6 +283,15 @@ class Attention(nn.Module):
                 input_pos[:, 0], cos, sin, q_scale, scale,
             )  # fmt: skip
             return self.wo(y.view(b, 1, -1))
+        if mask is None and keep is None:
+            # a prompt chunk on the CPU kernels: RoPE, cache write and causal attention in one pass
+            # (~2.5x torch's SDPA for 128-token prompts, and no indexed cache writes)
+            cos, sin = self.rope_table or (_NO_ROPE, _NO_ROPE)
+            rows = cache_rows if cache_rows is not None else torch.arange(b, device=x.device)
+            y = cpu_kernels.prefill_step(
+                q, k, v, self.kv_cache.k, self.kv_cache.v, rows, kv_len - t, cos, sin, q_scale, scale
+            )
+            return self.wo(y)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -291,9 +303,15 @@ class Attention(nn.Module):
             q = q * q_scale
         kv_len = mask.shape[-1] if mask is not None else kv_len
         k, v = self.kv_cache.update(input_pos, k, v, kv_len, cache_rows)
-        if mask is None:
-            # a prompt chunk (causal, every row at the same positions): ~2.5x torch's SDPA on the CPU
-            return self.wo(cpu_kernels.prefill_attention(q, k, v, scale))
+        if keep is not None:
+            rows = torch.arange(b, device=x.device)
+            if mask is None:  # a prompt chunk: the kept query at position p sees slots 0..p
+                slots = torch.arange(kv_len, device=x.device)
+                mask = (slots[None, :] <= input_pos[rows, keep][:, None])[:, None, None]
+            else:
+                mask = mask[rows, :, keep][:, :, None]
+            y = _attend_few(q[rows, :, keep][:, :, None], k, v, mask, scale)
+            return self.wo(y.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
         if t <= FEW_QUERIES:
             y = _attend_few(q, k, v, mask, scale)
         else:
@@ -378,13 +396,18 @@ class TransformerBlock(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         cache_rows: Tensor | None = None,
         kv_len: int | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
+        """keep `[B]`: compute only position keep[b] of each row past the attention (which still
+        writes every position's k/v to the cache); returns `[B, 1, dim]`. A prefill's last layer
+        needs nothing more for the next-token logits, and skips most of its work."""
+        residual = x if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]
         if self.pre_norm:
-            attended = self.attention(self.attention_norm(x), input_pos, mask, rope, cache_rows, kv_len)
-            h, normed = self._add_norm(x, attended)
+            attended = self.attention(self.attention_norm(x), input_pos, mask, rope, cache_rows, kv_len, keep)
+            h, normed = self._add_norm(residual, attended)
             return h + self.feed_forward(normed)
         # post-norm (OPT-350m)
-        x = self.attention_norm(x + self.attention(x, input_pos, mask, rope, cache_rows, kv_len))
+        x = self.attention_norm(residual + self.attention(x, input_pos, mask, rope, cache_rows, kv_len, keep))
         return self.ffn_norm(x + self.feed_forward(x))
 
 
@@ -520,9 +543,14 @@ class Transformer(nn.Module):
                 self.rope_cos[input_pos][:, None].to(x.dtype),
                 self.rope_sin[input_pos][:, None].to(x.dtype),
             )
-        for layer in self.layers:
-            x = layer(x, input_pos, mask, rope, cache_rows, kv_len)
-        if logits_index is not None:
+        # one logit position per row of a multi-token forward (a prefill): the last layer computes
+        # just those positions past its attention
+        keep = logits_index if logits_index is not None and logits_index.dim() == 1 and t > 1 else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, input_pos, mask, rope, cache_rows, kv_len, keep if i == len(self.layers) - 1 else None)
+        if keep is not None:
+            x = x[:, 0]
+        elif logits_index is not None:
             x = self._gather_positions(x, logits_index)
         if self.norm is not None:
             x = self.norm(x)
