@@ -184,12 +184,14 @@ def test_stop_string_found_incrementally(folders):
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager(folders):
+@pytest.mark.parametrize("mode", ["decode", "all"])
+def test_compiled_decode_equals_eager(folders, mode):
     """One small model; rows finish at different steps and are refilled, so the compiled step sees
-    several batch sizes (on the CPU one graph with a dynamic batch serves them all)."""
+    several batch sizes (on the CPU one graph with a dynamic batch serves them all). Prompts longer
+    than 8 tokens take the CPU kernels' prompt path, which "all" compiles too."""
     reqs = [GenRequest(prompt=p, params=greedy(n)) for p, n in zip(PROMPTS[:5], MAX_TOKENS[:5])]
     eager = LLMEngine.load(folders["llama"], max_batch_size=3)
-    compiled = LLMEngine.load(folders["llama"], max_batch_size=3, compile="decode")
+    compiled = LLMEngine.load(folders["llama"], max_batch_size=3, compile=mode)
     try:
         expected = token_ids(eager, reqs)
         first = compiled.generate(reqs)

@@ -55,7 +55,7 @@ from workers.llm.generate import (
     prefill,
 )
 from workers.llm.loader import build_model, model_bytes, read_config, resolve_dtype
-from workers.llm.model import PackedLinear, Transformer, pack_linears
+from workers.llm.model import PackedLinear, Transformer, enable_cpu_kernels, fuse_projections, pack_linears
 from workers.llm.sampling import SamplingParams, probabilities, sample
 
 log = logging.getLogger(__name__)
@@ -386,8 +386,12 @@ class SpeculativeLLMEngine(LLMEngine):
             self.attach_draft(draft)
 
     def attach_draft(self, draft: Transformer) -> None:
+        # the draft runs on the same fast paths as the target
+        fuse_projections(draft)
         if any(isinstance(m, PackedLinear) for m in self.model.modules()):
-            pack_linears(draft, batch_hint=self.max_batch_size)  # the same fast CPU linears as the target
+            pack_linears(draft, batch_hint=self.max_batch_size)
+        if self.model.decode_kernels:
+            enable_cpu_kernels(draft)
         self.draft = draft
         self.draft_bytes = model_bytes(draft)
         self.max_context = min(self.max_context, draft.args.max_context)
