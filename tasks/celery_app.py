@@ -3,7 +3,8 @@
 - acks_late + prefetch 1: a chunk is acknowledged after it ran, and a worker holds one at a time.
 - reject_on_worker_lost: a chunk whose worker died (OOM, kill) is redelivered; ``storage.repo.
   claim_chunk`` caps the attempts so a poison chunk cannot loop forever.
-- visibility_timeout longer than the longest chunk, or Redis hands a running chunk to a second worker.
+- visibility_timeout longer than the longest chunk, or Redis hands a running chunk to a second worker;
+  the unacked-message sweep runs often enough to redeliver soon after it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ CONTROL_QUEUE = "genmill.control"
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("genmill", broker=settings.broker_url, backend=settings.result_backend, include=["tasks.worker_tasks"])
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    # Kombu sweeps for unacknowledged messages past the visibility timeout every interval x
+    # throttle seconds (100 s by default in kombu 5.7): sweep at least every 10 s, so a chunk whose
+    # worker died comes back soon after its timeout (a sweep is one small Redis ZRANGE)
+    transport = {"visibility_timeout": settings.visibility_timeout,
+                 "unacked_restore_interval": min(10, max(1, settings.visibility_timeout // 4)),
+                 "unacked_restore_throttle": 1}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -12,6 +12,10 @@ def test_queue_is_json_only_and_configured_for_long_tasks(tmp_path):
     assert conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] == 7200
     assert conf.result_backend_transport_options["visibility_timeout"] == 7200
+    # a lost worker's chunk is swept back within 10 s of its visibility timeout (kombu's own
+    # default sweep period is 100 s)
+    transport = conf.broker_transport_options
+    assert transport["unacked_restore_interval"] * transport["unacked_restore_throttle"] <= 10
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):

@@ -34,12 +34,12 @@ def prompt_file(path):
     return sorted(bad)
 
 
-def wait_for(predicate, timeout, what):
+def wait_for(predicate, timeout, what, every=0.3):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.3)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -133,7 +133,9 @@ def lone_worker(tmp_path, redis_url, postgres_server, tiny_llama):
     """API-less set-up for the crash test: env, and a way to start workers."""
     home = tmp_path / "home"
     home.mkdir()
-    (home / "models.toml").write_text(f'[models.tiny]\npath = "{tiny_llama}"\n')
+    # one row at a time, so that a chunk of the tiny model lasts long enough (~0.5 s) to be killed
+    # in the middle
+    (home / "models.toml").write_text(f'[models.tiny]\npath = "{tiny_llama}"\nmax_batch_size = 1\n')
     db_url = postgres_server.create_database(f"crash_{os.getpid()}_{time.monotonic_ns()}")
     env = {**os.environ, "GENMILL_HOME": str(home), "GENMILL_DATABASE_URL": db_url,
            "GENMILL_BROKER_URL": redis_url.rsplit("/", 1)[0] + "/3", "GENMILL_BUCKET_URL": (tmp_path / "bucket").as_uri(),
@@ -174,7 +176,7 @@ def test_a_killed_worker_loses_no_work(lone_worker, tmp_path):
             return c.execute(text("select count(*) from chunks where job_id = :id and state = 'running'"),
                              {"id": job_id}).scalar() > 0
 
-    wait_for(running, 60, "a running chunk")
+    wait_for(running, 60, "a running chunk", every=0.05)
     victim.kill()  # no warm shutdown: the message stays unacknowledged in Redis
     victim.wait()
     start("rescuer")

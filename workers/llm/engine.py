@@ -31,7 +31,10 @@ from workers.llm.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_TOKENS = 65536
-CACHE_SEQ_ROUND = 256  # cache lengths are rounded up to this, so later jobs reuse the cache (and graphs)
+# cache lengths are rounded up to this, so later jobs reuse the cache (and CUDA's static graphs); on
+# the CPU, where graphs are dynamic, finer: the decode kernel streams each row's keys and runs
+# faster over a cache with fewer unused slots between rows
+CACHE_SEQ_ROUND = {"cuda": 256, "cpu": 64}
 
 # engine options the registry may pass through LLMEngine.load(**options), besides dtype and
 # max_batch_size (see LLMEngine.load)
@@ -241,7 +244,8 @@ class LLMEngine:
         return EngineRun(outcomes=outcomes, metrics=self._metrics(stats, time.perf_counter() - start))
 
     def _cache_len(self, total: int) -> int:
-        return min(self.max_context, -(-total // CACHE_SEQ_ROUND) * CACHE_SEQ_ROUND)
+        step = CACHE_SEQ_ROUND.get(self.device.type, CACHE_SEQ_ROUND["cuda"])
+        return min(self.max_context, -(-total // step) * step)
 
     def _cache_rows(self, total: int) -> int:
         """Cache rows for requests up to `total` tokens long: max_batch_size, fewer when

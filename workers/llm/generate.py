@@ -186,7 +186,7 @@ class StepFunctions:
         # The greedy pick, inside the compiled graph. On the CPU kernels' path a one-pass kernel
         # (0.13 ms for [64, 32k] logits on 2 cores, torch's max().indices 0.6 ms; argmax is slower
         # still); all of them pick the first maximum.
-        if self.model.decode_kernels and cpu_kernels.supports_argmax(logits):
+        if self.model.kernels and cpu_kernels.supports_argmax(logits):
             return logits, cpu_kernels.argmax(logits)
         return logits, logits.max(dim=-1).indices
 

@@ -410,7 +410,6 @@ class TransformerBlock(nn.Module):
         x = self.attention_norm(residual + self.attention(x, input_pos, mask, rope, cache_rows, kv_len, keep))
         return self.ffn_norm(x + self.feed_forward(x))
 
-
     def _add_norm(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         """(x + delta, ffn_norm(x + delta)): one kernel pass when the norm runs in cpu_kernels."""
         norm = self.ffn_norm
@@ -441,7 +440,7 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
-        self.decode_kernels = False  # decode steps in workers.llm.cpu_kernels (see enable_cpu_kernels)
+        self.kernels = False  # decode steps and prompt chunks in workers.llm.cpu_kernels (enable_cpu_kernels)
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -529,8 +528,8 @@ class Transformer(nn.Module):
         t = tokens.shape[1]
         # the CPU kernels' steps need no mask: a decode step (which also needs no gathered RoPE
         # values), and a prompt chunk
-        kernel_step = self.decode_kernels and t == 1 and cache_rows is None
-        prompt_step = self.decode_kernels and t > FEW_QUERIES and prompt_chunk
+        kernel_step = self.kernels and t == 1 and cache_rows is None
+        prompt_step = self.kernels and t > FEW_QUERIES and prompt_chunk
         mask = None if kernel_step or prompt_step else self._mask(input_pos, kv_len)
         x = self.tok_embeddings(tokens)
         if self.project_in is not None:
@@ -616,7 +615,7 @@ def enable_cpu_kernels(model: Transformer) -> bool:
         and model.args.head_dim in cpu_kernels.HEAD_DIMS
         and cpu_kernels.available()
     )
-    model.decode_kernels = on
+    model.kernels = on
     for layer in model.layers:
         layer.attention.kernels = on
         layer.feed_forward.kernel = on and model.args.hidden_act in ("silu", "swish")

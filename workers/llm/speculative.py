@@ -390,7 +390,7 @@ class SpeculativeLLMEngine(LLMEngine):
         fuse_projections(draft)
         if any(isinstance(m, PackedLinear) for m in self.model.modules()):
             pack_linears(draft, batch_hint=self.max_batch_size)
-        if self.model.decode_kernels:
+        if self.model.kernels:
             enable_cpu_kernels(draft)
         self.draft = draft
         self.draft_bytes = model_bytes(draft)
