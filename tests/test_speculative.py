@@ -152,6 +152,28 @@ def test_greedy_equals_target_greedy(plain, folders, target, draft, k) -> None:
     engine.close()
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_bfloat16_verification_scores_exactly_what_decoding_would(folders, arch) -> None:
+    # in bf16 too: the (k+1)-token verification forward runs each token with the arithmetic of a
+    # one-token decode step (the CPU kernels), so the target as its own draft accepts everything and
+    # the output is the plain engine's, token for token
+    from workers.llm import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("torch's paths round a (k+1)-token forward differently from k+1 one-token steps")
+    requests = [GenRequest(prompt=p, params=greedy(n)) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    plain = LLMEngine.load(folders[arch], dtype="bfloat16")
+    engine = SpeculativeLLMEngine.load(folders[arch], dtype="bfloat16", draft_model=folders[arch], speculate_k=4)
+    try:
+        expected = token_ids(plain, requests)
+        run = engine.generate(requests)
+    finally:
+        plain.close()
+        engine.close()
+    assert [o.token_ids for o in run.outcomes] == expected
+    assert metrics(run)["acceptance_rate"] == 1
+
+
 def test_stop_strings_eos_and_texts_match_plain_engine(plain, folders) -> None:
     llama = plain["llama"]
     full = token_ids(llama, [GenRequest(prompt=PROMPTS[0], params=greedy(30))])[0]

@@ -69,7 +69,7 @@ def _build() -> Path | None:
 
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
-    "genmill_decode_step": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
+    "genmill_decode_step": [_INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
     + [_I64] * 5
     + [_F32, _F32],
     "genmill_prefill_step": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR]
@@ -143,36 +143,40 @@ def decode_step(
     v: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
+    rows: Tensor,
     pos: Tensor,
     cos: Tensor,
     sin: Tensor,
     q_scale: float,
     scale: float,
 ) -> Tensor:
-    """One new token per row: rotate q and k (RoPE, when `cos`/`sin` `[S, D]` float32 are not
-    empty), write k and v to slot `pos[b]` of cache row b, and attend over slots 0..pos[b].
+    """New tokens, each its own item b: rotate q and k (RoPE, when `cos`/`sin` `[S, D]` float32
+    are not empty), write k and v to slot `pos[b]` of cache row `rows[b]`, and attend over that
+    row's slots 0..pos[b]. A decode step is one token per row; a few consecutive tokens of a row
+    (speculative verification, short prompts) are items of the same row: every item's k/v is
+    written before any item attends, so each sees exactly the slots up to its own position.
 
-    q `[B, H*D]`, k/v `[B, H_kv*D]` (rows may be strided, e.g. column slices of one qkv output);
-    caches `[B', H_kv, S, D]` contiguous with B' >= B; `q_scale` scales the rotated query in the
-    model dtype first (OPT), `scale` the scores. Returns `[B, H*D]`.
+    q `[N, H*D]`, k/v `[N, H_kv*D]` (rows may be strided, e.g. column slices of one qkv output);
+    caches `[B', H_kv, S, D]` contiguous; `q_scale` scales the rotated query in the model dtype
+    first (OPT), `scale` the scores. Returns `[N, H*D]`.
     """
-    b = q.shape[0]
+    n = q.shape[0]
     h_kv, s, d = k_cache.shape[1:]
     h = q.shape[1] // d
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    pos = pos.to(torch.int64).contiguous()
-    out = torch.empty(b, h * d, dtype=q.dtype)
+    rows, pos = rows.to(torch.int64).contiguous(), pos.to(torch.int64).contiguous()
+    out = torch.empty(n, h * d, dtype=q.dtype)
     status = _library().genmill_decode_step(
         _DTYPES[q.dtype], q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-        k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(), _ptr(cos), _ptr(sin), out.data_ptr(),
-        b, h, h_kv, s, d, q_scale, scale,
+        k_cache.data_ptr(), v_cache.data_ptr(), rows.data_ptr(), pos.data_ptr(), _ptr(cos), _ptr(sin),
+        out.data_ptr(), n, h, h_kv, s, d, q_scale, scale,
     )  # fmt: skip
     _check(status, "decode_step", d)
     return out
 
 
 @decode_step.op.register_fake
-def _(q, k, v, k_cache, v_cache, pos, cos, sin, q_scale, scale) -> Tensor:
+def _(q, k, v, k_cache, v_cache, rows, pos, cos, sin, q_scale, scale) -> Tensor:
     return q.new_empty(q.shape[0], q.shape[1])
 
 

@@ -264,8 +264,9 @@ class Attention(nn.Module):
         kv_len: int | None = None,
         keep: Tensor | None = None,
     ) -> Tensor:
-        """mask None (with kv_len): the CPU kernels' steps, chosen by Transformer.forward: a decode
-        step (t == 1), or a prompt chunk whose rows all sit at positions kv_len-t..kv_len-1.
+        """mask None (with kv_len): the CPU kernels' steps, chosen by Transformer.forward: a few
+        tokens per row (t <= FEW_QUERIES: decode steps, speculative verification), or a prompt
+        chunk whose rows all sit at positions kv_len-t..kv_len-1.
         keep `[B]`: every position's k/v goes to the cache, but only the query at position keep[b]
         of each row is attended; returns `[B, 1, dim]` (the last layer of a prefill)."""
         b, t, _ = x.shape
@@ -274,15 +275,18 @@ class Attention(nn.Module):
         # OPT scales q before the product; doing the same keeps results bit-close to transformers
         q_scale, scale = (scale, 1.0) if self.args.arch == "opt" else (1.0, scale)
         assert self.kv_cache is not None, "call setup_caches() before forward()"
-        if self.kernels and t == 1 and cache_rows is None:
-            # a decode step: RoPE, the cache write and the attention in one pass (no mask, no rope
-            # from Transformer.forward: the kernel reads each row's position and the RoPE tables)
+        if mask is None and t <= FEW_QUERIES:
+            # a few tokens per row, each an item of the decode kernel: RoPE, the cache write and the
+            # attention in one pass (no rope from Transformer.forward: the kernel reads positions
+            # and the RoPE tables). Every token takes the arithmetic of a one-token decode step, so
+            # a speculative verification scores exactly what plain decoding would.
             cos, sin = self.rope_table or (_NO_ROPE, _NO_ROPE)
+            rows = cache_rows if cache_rows is not None else torch.arange(b, device=x.device)
             y = cpu_kernels.decode_step(
-                q.view(b, -1), k.view(b, -1), v.view(b, -1), self.kv_cache.k, self.kv_cache.v,
-                input_pos[:, 0], cos, sin, q_scale, scale,
+                q.reshape(b * t, -1), k.reshape(b * t, -1), v.reshape(b * t, -1), self.kv_cache.k,
+                self.kv_cache.v, rows.repeat_interleave(t), input_pos.reshape(-1), cos, sin, q_scale, scale,
             )  # fmt: skip
-            return self.wo(y.view(b, 1, -1))
+            return self.wo(y.view(b, t, -1))
         if mask is None and keep is None:
             # a prompt chunk on the CPU kernels: RoPE, cache write and causal attention in one pass
             # (~2.5x torch's SDPA for 128-token prompts, and no indexed cache writes)
@@ -526,9 +530,9 @@ class Transformer(nn.Module):
             )
         kv_len = kv_len or self.max_seq_length
         t = tokens.shape[1]
-        # the CPU kernels' steps need no mask: a decode step (which also needs no gathered RoPE
-        # values), and a prompt chunk
-        kernel_step = self.kernels and t == 1 and cache_rows is None
+        # the CPU kernels' steps need no mask: a few tokens per row (which also need no gathered
+        # RoPE values), and a prompt chunk
+        kernel_step = self.kernels and t <= FEW_QUERIES
         prompt_step = self.kernels and t > FEW_QUERIES and prompt_chunk
         mask = None if kernel_step or prompt_step else self._mask(input_pos, kv_len)
         x = self.tok_embeddings(tokens)
@@ -544,7 +548,7 @@ class Transformer(nn.Module):
             )
         # one logit position per row of a multi-token forward (a prefill): the last layer computes
         # just those positions past its attention
-        keep = logits_index if logits_index is not None and logits_index.dim() == 1 and t > 1 else None
+        keep = logits_index if logits_index is not None and logits_index.dim() == 1 and t > FEW_QUERIES else None
         for i, layer in enumerate(self.layers):
             x = layer(x, input_pos, mask, rope, cache_rows, kv_len, keep if i == len(self.layers) - 1 else None)
         if keep is not None:

@@ -5,7 +5,7 @@
 // dtypes and layouts. Accumulation is always fp32. Where torch rounds an intermediate to the
 // model dtype (bf16), the kernels round at the same places, so results stay close to the eager path.
 //
-//   genmill_decode_step   one new token per row: RoPE, KV-cache write, attention over the cache
+//   genmill_decode_step   new tokens (one or a few per row): RoPE, KV-cache write, attention
 //   genmill_prefill_step  a prompt chunk (every row at the same positions): the same, causal
 //   genmill_rms_norm      (residual add +) RMSNorm, transformers' rounding order
 //   genmill_silu_mul      SwiGLU's gate
@@ -232,20 +232,23 @@ struct ValueAcc {
   }
 };
 
+// B items (tokens), item b in cache row rows[b] at position pos[b]: a decode step has one item per
+// row; a few tokens per row (speculative verification, short prompts) are one item each, their k/v
+// all written before any of them attends, so each sees exactly the slots up to its position
 template <typename T, int D>
 static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t sv, T* kc, T* vc,
-                        const int64_t* pos, const float* cos, const float* sin, T* out, int64_t B, int64_t H,
-                        int64_t Hkv, int64_t S, float q_scale, float scale) {
+                        const int64_t* rows, const int64_t* pos, const float* cos, const float* sin, T* out,
+                        int64_t B, int64_t H, int64_t Hkv, int64_t S, float q_scale, float scale) {
   const int64_t group = H / Hkv;
   const __m512 vscale = _mm512_set1_ps(scale);
 #pragma omp parallel
   {
     alignas(64) float buf[D];
-    // 1) the new token's k (rotated) and v go into cache slot pos[b] of row b
+    // 1) each new token's k (rotated) and v go into slot pos[b] of cache row rows[b]
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t slot = ((b * Hkv + h) * S + pos[b]) * D;
+        const int64_t slot = ((rows[b] * Hkv + h) * S + pos[b]) * D;
         head_to_float<T, D>(buf, k + b * sk + h * D);
         if (cos != nullptr) rope<D>(buf, cos + pos[b] * D, sin + pos[b] * D);
         for (int c = 0; c < D; c += 16) store16(kc + slot + c, load16(buf + c));
@@ -258,8 +261,8 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < H; ++h) {
         const int64_t n = pos[b] + 1;
-        const T* kp = kc + (b * Hkv + h / group) * S * D;
-        const T* vp = vc + (b * Hkv + h / group) * S * D;
+        const T* kp = kc + (rows[b] * Hkv + h / group) * S * D;
+        const T* vp = vc + (rows[b] * Hkv + h / group) * S * D;
         query_as_torch<T, D>(buf, q + b * sq + h * D, cos != nullptr ? cos + pos[b] * D : nullptr,
                              cos != nullptr ? sin + pos[b] * D : nullptr, q_scale);
         __m512 qv[D / 16];
@@ -520,17 +523,17 @@ static void argmax_rows(const T* x, int64_t* out, int64_t N, int64_t V) {
 #define GENMILL_HEAD_DIMS(X) X(16) X(32) X(64) X(128) X(256)
 
 extern "C" int genmill_decode_step(int is_bf16, const void* q, int64_t sq, const void* k, int64_t sk, const void* v,
-                                   int64_t sv, void* kc, void* vc, const int64_t* pos, const float* cos,
-                                   const float* sin, void* out, int64_t B, int64_t H, int64_t Hkv, int64_t S,
-                                   int64_t D, float q_scale, float scale) {
+                                   int64_t sv, void* kc, void* vc, const int64_t* rows, const int64_t* pos,
+                                   const float* cos, const float* sin, void* out, int64_t B, int64_t H, int64_t Hkv,
+                                   int64_t S, int64_t D, float q_scale, float scale) {
 #define GENMILL_CASE(DD)                                                                                      \
   if (D == DD) {                                                                                              \
     if (is_bf16)                                                                                              \
       decode_step<bf16, DD>((const bf16*)q, sq, (const bf16*)k, sk, (const bf16*)v, sv, (bf16*)kc, (bf16*)vc, \
-                            pos, cos, sin, (bf16*)out, B, H, Hkv, S, q_scale, scale);                        \
+                            rows, pos, cos, sin, (bf16*)out, B, H, Hkv, S, q_scale, scale);                  \
     else                                                                                                      \
       decode_step<float, DD>((const float*)q, sq, (const float*)k, sk, (const float*)v, sv, (float*)kc,      \
-                             (float*)vc, pos, cos, sin, (float*)out, B, H, Hkv, S, q_scale, scale);          \
+                             (float*)vc, rows, pos, cos, sin, (float*)out, B, H, Hkv, S, q_scale, scale);    \
     return 0;                                                                                                 \
   }
   GENMILL_HEAD_DIMS(GENMILL_CASE)

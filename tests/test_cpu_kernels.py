@@ -1,0 +1,150 @@
+"""The CPU kernels against torch on the same inputs: cache writes, attention, norms, gate, argmax."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.llm import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 or no g++ here")
+
+DTYPES = [torch.float32, torch.bfloat16]
+# (heads, kv heads, head dim): multi-head, grouped-query and a wide head
+SHAPES = [(4, 4, 32), (8, 2, 64), (4, 1, 128)]
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rope_tables(s, d):
+    freqs = torch.outer(torch.arange(s, dtype=torch.float32), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate(x, cos, sin, dtype):
+    """What the kernels store: RoPE in float32, rounded once to the model dtype."""
+    return (x.float() * cos + _rotate_half(x.float()) * sin).to(dtype)
+
+
+def _tolerance(dtype):
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("h", "h_kv", "d"), SHAPES)
+@pytest.mark.parametrize("rope", [True, False])
+def test_decode_step_writes_the_cache_and_attends_up_to_each_rows_position(dtype, h, h_kv, d, rope):
+    torch.manual_seed(0)
+    b, s = 5, 40
+    pos = torch.tensor([3, 17, 0, 39, 25])
+    k_cache, v_cache = torch.randn(b, h_kv, s, d, dtype=dtype), torch.randn(b, h_kv, s, d, dtype=dtype)
+    qkv = torch.randn(b, (h + 2 * h_kv) * d, dtype=dtype)  # q, k, v as column slices of one output
+    q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)
+    cos, sin = _rope_tables(s, d) if rope else (torch.empty(0), torch.empty(0))
+    q_scale = 1.0 if rope else 0.37  # OPT: no RoPE, a pre-scaled query
+
+    qq, kk = q.view(b, h, 1, d), k.view(b, h_kv, 1, d)
+    if rope:
+        c, sn = cos[pos][:, None, None], sin[pos][:, None, None]
+        qq, kk = _rotate(qq, c, sn, dtype), _rotate(kk, c, sn, dtype)
+    qq = qq * q_scale
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[torch.arange(b), :, pos] = kk[:, :, 0]
+    v_ref[torch.arange(b), :, pos] = v.view(b, h_kv, d)
+    mask = (torch.arange(s)[None, :] <= pos[:, None])[:, None, None]
+    expected = F.scaled_dot_product_attention(
+        qq.float(), k_ref.float(), v_ref.float(), attn_mask=mask, scale=0.125, enable_gqa=True
+    ).reshape(b, h * d)
+
+    out = cpu_kernels.decode_step(q, k, v, k_cache, v_cache, torch.arange(b), pos, cos, sin, q_scale, 0.125)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_step_takes_several_tokens_of_a_row_each_seeing_the_slots_up_to_its_own(dtype):
+    # speculative verification: 3 tokens of cache row 2 and 3 of cache row 0 in one call give
+    # the results of 3 one-token calls per row
+    torch.manual_seed(3)
+    h, h_kv, d, s = 4, 2, 32, 24
+    cos, sin = _rope_tables(s, d)
+    k_cache, v_cache = torch.randn(3, h_kv, s, d, dtype=dtype), torch.randn(3, h_kv, s, d, dtype=dtype)
+    q, k, v = torch.randn(6, h * d, dtype=dtype), torch.randn(6, h_kv * d, dtype=dtype), torch.randn(6, h_kv * d, dtype=dtype)
+    rows, pos = torch.tensor([2, 2, 2, 0, 0, 0]), torch.tensor([7, 8, 9, 4, 5, 6])
+    k_one, v_one = k_cache.clone(), v_cache.clone()
+    one_at_a_time = torch.cat([
+        cpu_kernels.decode_step(q[i : i + 1], k[i : i + 1], v[i : i + 1], k_one, v_one, rows[i : i + 1],
+                                pos[i : i + 1], cos, sin, 1.0, 0.2)
+        for i in (0, 3, 1, 4, 2, 5)
+    ])[[0, 2, 4, 1, 3, 5]]
+    together = cpu_kernels.decode_step(q, k, v, k_cache, v_cache, rows, pos, cos, sin, 1.0, 0.2)
+    assert torch.equal(together, one_at_a_time)
+    assert torch.equal(k_cache, k_one) and torch.equal(v_cache, v_one)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("h", "h_kv", "d"), SHAPES)
+@pytest.mark.parametrize("start", [0, 29])
+def test_prefill_step_fills_scattered_cache_rows_and_attends_causally(dtype, h, h_kv, d, start):
+    # a later chunk (start > 0) attends over what earlier chunks left in the cache rows
+    torch.manual_seed(1)
+    b, t, s = 3, 13, 64
+    rows = torch.tensor([3, 0, 4])
+    k_cache, v_cache = torch.randn(b + 2, h_kv, s, d, dtype=dtype), torch.randn(b + 2, h_kv, s, d, dtype=dtype)
+    qkv = torch.randn(b, t, (h + 2 * h_kv) * d, dtype=dtype)
+    q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)
+    cos, sin = _rope_tables(s, d)
+
+    c, sn = cos[start : start + t][None, None], sin[start : start + t][None, None]
+    qq = _rotate(q.reshape(b, t, h, d).transpose(1, 2), c, sn, dtype)
+    kk = _rotate(k.reshape(b, t, h_kv, d).transpose(1, 2), c, sn, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[rows, :, start : start + t] = kk
+    v_ref[rows, :, start : start + t] = v.reshape(b, t, h_kv, d).transpose(1, 2)
+    n = start + t
+    mask = (torch.arange(n)[None, :] <= torch.arange(start, n)[:, None])[None, None]
+    expected = F.scaled_dot_product_attention(
+        qq.float(), k_ref[rows, :, :n].float(), v_ref[rows, :, :n].float(), attn_mask=mask, scale=0.2,
+        enable_gqa=True,
+    ).transpose(1, 2).reshape(b, t, h * d)
+
+    out = cpu_kernels.prefill_step(q, k, v, k_cache, v_cache, rows, start, cos, sin, 1.0, 0.2)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # other rows untouched
+    torch.testing.assert_close(out.float(), expected, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_rounds_like_transformers(dtype):
+    torch.manual_seed(2)
+    x, res, w = torch.randn(7, 100, dtype=dtype), torch.randn(7, 100, dtype=dtype), torch.randn(100, dtype=dtype)
+
+    def reference(y):
+        y32 = y.float()
+        return w * (y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+
+    summed, normed = cpu_kernels.add_rms_norm(x, res, w, 1e-6)
+    assert torch.equal(summed, x + res)
+    exact = {"atol": 0, "rtol": 0} if dtype == torch.bfloat16 else {"atol": 1e-6, "rtol": 1e-6}
+    torch.testing.assert_close(normed, reference(x + res), **exact)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-6), reference(x), **exact)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_is_swiglus_gate(dtype):
+    h = torch.randn(5, 2 * 40, dtype=dtype) * 3
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(h), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [5, 37, 50272])
+def test_argmax_picks_the_first_maximum_like_torch(dtype, vocab):
+    x = torch.randn(8, vocab).to(dtype)
+    x[1, vocab // 3] = x[1].max() + 1
+    x[1, vocab - 1] = x[1, vocab // 3]  # a tie: the first one wins
+    x[2, min(4, vocab - 1)] = float("nan")  # NaN counts as the maximum, as in torch.max
+    x[3] = float("-inf")
+    x[4] = 1.0
+    assert torch.equal(cpu_kernels.argmax(x), x.max(dim=-1).indices)
