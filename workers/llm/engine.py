@@ -403,13 +403,13 @@ def prefill_chunk_for(model: torch.nn.Module) -> int:
 
 def _last_level_cache_bytes() -> int:
     """The CPU's last-level cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    units = {"K": 1 << 10, "M": 1 << 20}
     sizes = []
     for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = path.read_text().strip().upper()
-        try:
-            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
-        except (ValueError, KeyError):
-            continue
+        text = path.read_text().strip().upper()  # e.g. "32768K"
+        number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+        if number.isdigit():
+            sizes.append(int(number) * unit)
     return max(sizes, default=32 << 20)
 
 

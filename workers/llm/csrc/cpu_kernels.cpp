@@ -53,13 +53,6 @@ static inline __m512 round_to(__m512 x, const bf16*) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-// bring [p, p + bytes) toward L1 ahead of use: the decode kernel streams the KV cache from DRAM,
-// and without this each (row, head) block starts with the hardware prefetcher cold
-static inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = (const char*)p;
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-}
-
 static inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // exp of 16 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor (rel. error ~2e-7)
