@@ -15,7 +15,11 @@ decode), model load and compilation excluded (a warm-up call compiles); best of 
 The machine's matmul throughput is measured in the same run (torch's default `F.linear` and oneDNN
 with a packed weight, fp32 and bf16, at a decode-like 64 x 768 x 3072 and a prefill-like
 7680 x 768 x 3072 shape); prefill and decode GFLOP/s are reported as a fraction of the best large
-GEMM figure for that dtype. Writes the "LLM batch throughput" section of bench/RESULTS.md.
+GEMM figure for that dtype. The memory read bandwidth is measured too, and each row reports a
+roofline ratio: transformers' time over the least time this machine needs for the matmuls (at the
+best GEMM rate) plus the decode steps' KV-cache reads (at the read bandwidth), so that figures from
+machines with different matmul units compare. Writes the "LLM batch throughput" section of
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -126,10 +130,26 @@ def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
 # ---- FLOP model ----
 
 
+def read_bandwidth(mib: int = 512, min_s: float = 1.0) -> float:
+    """The machine's memory read bandwidth (GB/s): best of repeated sums of a buffer far larger than
+    the caches, as a plain read reaches it (an optimistic figure for strided reads)."""
+    x = torch.ones(mib << 18)  # float32
+    x.sum()
+    best = float("inf")
+    deadline = time.perf_counter() + min_s
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 @dataclass
 class Flops:
     prefill: float
     decode: float
+    decode_matmul: float  # the projections and LM head of the decode steps (no attention)
+    kv_bytes: float  # KV cache read by the decode steps' attention
 
 
 def count_flops(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> Flops:
@@ -145,7 +165,10 @@ def count_flops(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) ->
     attn = 2 * 2 * a.n_layers * a.n_heads * a.head_dim  # q.k and p.v per (query, key) pair
     prefill = sum(2 * linear * len(p) + 2 * head + attn * len(p) * (len(p) + 1) / 2 for p in prompts)
     decode = sum(2 * (linear + head) + attn * (len(p) + i + 1) for p in prompts for i in range(1, new_tokens))
-    return Flops(prefill, decode)
+    decode_matmul = 2 * (linear + head) * len(prompts) * (new_tokens - 1)
+    kv_row = 2 * a.n_layers * a.n_kv_heads * a.head_dim * next(engine.model.parameters()).element_size()
+    kv_bytes = sum(kv_row * (len(p) + i + 1) for p in prompts for i in range(1, new_tokens))
+    return Flops(prefill, decode, decode_matmul, kv_bytes)
 
 
 # ---- runs ----
@@ -208,9 +231,13 @@ class Result:
     decode_gflops: float
     agreement: float
     compile_s: float
+    bound_s: float  # roofline time: matmul FLOPs at the best matmul rate + KV reads at the bandwidth
+    hf_s: float
 
 
-def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: tuple, args: Any) -> Result:
+def measure(
+    folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: tuple, args: Any, machine: tuple
+) -> Result:
     """Our engine on the same prompts: a warm-up call compiles, then the best of --repeats runs."""
     engine = LLMEngine.load(folder, dtype=dtype, max_batch_size=args.requests, compile=MODES[mode])
     try:
@@ -227,6 +254,8 @@ def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: t
     prefill_s = m["prompt_tokens"] / m["prefill_tokens_per_s"]
     decode_s = decode_tokens / m["decode_tokens_per_s"]
     hf_wall, hf_tokens = hf
+    peak, bandwidth = machine  # GFLOP/s, GB/s
+    bound_s = (flops.prefill + flops.decode_matmul) / peak / 1e9 + flops.kv_bytes / bandwidth / 1e9
     return Result(
         name,
         dtype,
@@ -240,6 +269,8 @@ def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: t
         flops.decode / decode_s / 1e9,
         agreement(tokens, hf_tokens),
         warm.get("compile_s", 0.0),
+        bound_s,
+        hf_wall,
     )
 
 
@@ -268,6 +299,9 @@ def main() -> None:
     gemm = matmul_table(args.dtypes)
     for (dtype, shape, method), v in gemm.items():
         print(f"  {dtype:9} {shape:14} {method:15} {v:7.0f} GFLOP/s", flush=True)
+    bandwidth = read_bandwidth()
+    print(f"  memory read {bandwidth:.1f} GB/s", flush=True)
+    peak = {d: max(v for (dt, _, _), v in gemm.items() if dt == d) for d in args.dtypes}
     results: list[Result] = []
     baselines: dict[tuple[str, str], float] = {}
     total = args.requests * args.new_tokens
@@ -280,23 +314,29 @@ def main() -> None:
             baselines[name, dtype] = total / hf[0]
             print(f"{name} {dtype} transformers: {baselines[name, dtype]:7.1f} tok/s", flush=True)
             for mode in args.modes:
-                r = measure(folder, name, dtype, mode, prompts, hf, args)
+                r = measure(folder, name, dtype, mode, prompts, hf, args, (peak[dtype], bandwidth))
                 results.append(r)
                 print(
                     f"{name} {dtype} ours/{mode}: {r.tokens_per_s:7.1f} tok/s = {r.ratio:.2f}x "
                     f"(prefill {r.prefill_s:.2f} s, {r.prefill_gflops:.0f} GFLOP/s; decode {r.decode_s:.2f} s, "
                     f"{r.decode_tokens_per_s:.0f} tok/s, {r.decode_gflops:.0f} GFLOP/s; same tokens as "
-                    f"transformers {r.agreement:.1%}; compile {r.compile_s:.0f} s)",
+                    f"transformers {r.agreement:.1%}; compile {r.compile_s:.0f} s; roofline ratio "
+                    f"{r.hf_s / r.bound_s:.2f}x)",
                     flush=True,
                 )
-    body = report(args, gemm, baselines, results, (load_before, os.getloadavg()[0]))
+    body = report(args, gemm, bandwidth, baselines, results, (load_before, os.getloadavg()[0]))
     print(body)
     if not args.no_write:
         write_section(TITLE, body)
 
 
 def report(
-    args: argparse.Namespace, gemm: dict, baselines: dict, results: list[Result], load: tuple[float, float]
+    args: argparse.Namespace,
+    gemm: dict,
+    bandwidth: float,
+    baselines: dict,
+    results: list[Result],
+    load: tuple[float, float],
 ) -> str:
     peak = {d: max(v for (dt, _, _), v in gemm.items() if dt == d) for d in args.dtypes}
     lines = [
@@ -323,28 +363,42 @@ def report(
             )
     lines += [
         "",
+        f"**Memory read bandwidth**: {bandwidth:.1f} GB/s (best sum over a 512 MiB float32 buffer).",
+    ]
+    lines += [
+        "",
         (
             "**Throughput** (generated tokens/s; ratio = ours / transformers `generate`, same model, "
             "dtype, prompts and batch, same process; mode: eager, decode = decode step compiled, all = "
             "prefill and decode compiled; GFLOP/s of the work actually needed (no padding, logits only "
-            "where sampled) and its share of the best matmul figure above for that dtype):"
+            "where sampled) and its share of the best matmul figure above for that dtype; roofline = "
+            "the ratio a run would reach in the time the machine needs at least for the matmuls (prefill, "
+            "decode projections and LM head at the best matmul rate above) plus the decode steps' KV-cache "
+            "reads (at the read bandwidth above), without overlapping the two):"
         ),
         "",
         (
             "| model | dtype | mode | transformers tok/s | GenMill tok/s | ratio "
-            "| prefill s (GFLOP/s, share) | decode s (tok/s; GFLOP/s, share) | same tokens | compile s |"
+            "| prefill s (GFLOP/s, share) | decode s (tok/s; GFLOP/s, share) | roofline | same tokens "
+            "| compile s |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.dtype} | {r.mode} | {baselines[r.model, r.dtype]:.0f} | {r.tokens_per_s:.0f} "
             f"| **{r.ratio:.2f}x** | {r.prefill_s:.2f} ({r.prefill_gflops:.0f}, "
             f"{r.prefill_gflops / peak[r.dtype]:.0%}) | {r.decode_s:.2f} ({r.decode_tokens_per_s:.0f}; "
-            f"{r.decode_gflops:.0f}, {r.decode_gflops / peak[r.dtype]:.0%}) | {r.agreement:.0%} "
+            f"{r.decode_gflops:.0f}, {r.decode_gflops / peak[r.dtype]:.0%}) | {r.hf_s / r.bound_s:.2f}x "
+            f"| {r.agreement:.0%} "
             f"| {r.compile_s:.0f} |"
         )
-    lines += ["", "Targets: >= 3.5x transformers in float32, >= 3x in bfloat16."]
+    target = {"float32": 3.5, "bfloat16": 3.0}
+    met = sum(r.ratio >= target.get(r.dtype, 0) for r in results)
+    lines += [
+        "",
+        f"Targets: >= 3.5x transformers in float32, >= 3x in bfloat16; met in {met} of {len(results)} rows.",
+    ]
     return "\n".join(lines)
 
 

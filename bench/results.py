@@ -21,4 +21,23 @@ def write_section(title: str, body: str, script: str | None = None) -> None:
 
 
 def _cpu() -> str:
-    return f"{os.cpu_count()} cores"
+    """E.g. "AMD EPYC (family 25, model 17; AVX-512 bf16), 2 cores": matmul and memory throughput
+    differ between CPU generations far more than between runs, so figures name their CPU."""
+    info: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not line.strip():
+                break  # the first processor's block is enough
+            info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    if "model name" not in info:
+        return f"{os.cpu_count()} cores"
+    detail = f"family {info.get('cpu family', '?')}, model {info.get('model', '?')}"
+    # the strongest matmul unit
+    for name, flag in (("AMX", "amx_tile"), ("AVX-512 bf16", "avx512_bf16"), ("AVX-512", "avx512f")):
+        if flag in flags:
+            detail += f"; {name}"
+            break
+    return f"{info['model name']} ({detail}), {os.cpu_count()} cores"
