@@ -336,8 +336,8 @@ def report(
         *(_quant_line(r) for r in quant),
         "",
         (
-            "float32 int8/int4 dequantize each weight on every call (no fp32 int kernel), so they cannot "
-            "beat fp32 here; in bfloat16 aten's packed int8/int4 matmuls run and the smaller weights pay "
+            "float32 int8/int4 dequantize each weight on every call (no fp32 int kernel): that costs about "
+            "what int8's smaller weights save, and more for int4, so they run at or below fp32; in bfloat16 aten's packed int8/int4 matmuls run and the smaller weights pay "
             "off at small batch. Token agreement is free-running: random weights give near-flat "
             "next-token distributions, so one flipped near-tie changes the rest of a row (teacher-forced "
             "figures are in the quantization-memory section)."
