@@ -8,8 +8,9 @@ from workers.llm import cpu_kernels
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 or no g++ here")
 
 DTYPES = [torch.float32, torch.bfloat16]
-# (heads, kv heads, head dim): multi-head, grouped-query and a wide head
-SHAPES = [(4, 4, 32), (8, 2, 64), (4, 1, 128)]
+# (heads, kv heads, head dim): multi-head, grouped-query, an odd head count (the decode kernel's
+# groups of items end part-full) and wide heads
+SHAPES = [(4, 4, 32), (8, 2, 64), (3, 3, 64), (4, 1, 128), (2, 1, 256)]
 
 
 def _rotate_half(x):
@@ -64,11 +65,12 @@ def test_decode_step_writes_the_cache_and_attends_up_to_each_rows_position(dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_step_takes_several_tokens_of_a_row_each_seeing_the_slots_up_to_its_own(dtype):
+@pytest.mark.parametrize(("h", "h_kv", "d"), [(4, 2, 32), (3, 3, 64), (4, 1, 128), (2, 2, 256)])
+def test_decode_step_takes_several_tokens_of_a_row_each_seeing_the_slots_up_to_its_own(dtype, h, h_kv, d):
     # speculative verification: 3 tokens of cache row 2 and 3 of cache row 0 in one call give
-    # the results of 3 one-token calls per row
+    # the results of 3 one-token calls per row, bit for bit, however the items fall into groups
     torch.manual_seed(3)
-    h, h_kv, d, s = 4, 2, 32, 24
+    s = 24
     cos, sin = _rope_tables(s, d)
     k_cache, v_cache = torch.randn(3, h_kv, s, d, dtype=dtype), torch.randn(3, h_kv, s, d, dtype=dtype)
     q, k, v = torch.randn(6, h * d, dtype=dtype), torch.randn(6, h_kv * d, dtype=dtype), torch.randn(6, h_kv * d, dtype=dtype)
