@@ -95,13 +95,18 @@ def test_overlap_on_equals_overlap_off(folders, tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_several_gpu_batches_equal_one_batch(folders, tmp_path, arch):
+def test_several_gpu_batches_equal_one_batch(folders, tmp_path, arch, monkeypatch):
     one = token_ids(run(folders[arch], tmp_path, offload={**MIXED, "gpu_batch_size": 5}))
-    # 5 prompts over 3 GPU batches of 2, 2 and 1 rows; one weight load serves all three
+    # 5 prompts over 3 GPU batches of 2, 2 and 1 rows; one weight load serves all three, and on the
+    # CPU their decode steps run merged (one projection over all rows, attention per GPU batch)
+    merges = []
+    merge = OffloadedGenerator._merge
+    monkeypatch.setattr(OffloadedGenerator, "_merge", lambda self, active: merges.append(merge(self, active)) or merges[-1])
     three = token_ids(
         run(folders[arch], tmp_path, offload={**MIXED, "gpu_batch_size": 2, "num_gpu_batches": 3})
     )
     assert three == one
+    assert any(m is not None for m in merges) and any(m is None for m in merges)  # decode / prefill
 
 
 def test_chunked_prefill_and_host_activations_change_nothing(folders, tmp_path):

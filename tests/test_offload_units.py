@@ -15,6 +15,7 @@ from workers.llm.offload_store import (
     DiskIO,
     DiskSeqStore,
     DiskStored,
+    HostBuffers,
     MemorySeqStore,
     MemoryStored,
     cache_components,
@@ -198,3 +199,36 @@ def test_read_header_and_memory_stored_rows(tmp_path):
         assert torch.equal(
             stored.take(torch.tensor([[5, 0], [5, 3]]), cpu), t[torch.tensor([[5, 0], [5, 3]])]
         )
+
+
+def test_host_buffers_are_reused_and_foreign_tensors_never_handed_out():
+    pool = HostBuffers()
+    mib = HostBuffers.MIN_BYTES
+    a = pool.take((mib // 4,), torch.float32)  # 1 MiB
+    ptr = a.data_ptr()
+    pool.give(a)
+    b = pool.take((mib // 8, 2), torch.float32)  # same bytes, another shape: the same memory
+    assert b.data_ptr() == ptr and b.shape == (mib // 8, 2)
+    resident = torch.zeros(mib, dtype=torch.uint8)  # e.g. a weight held in memory: not ours
+    pool.give(b, resident, None)
+    c, d = pool.take((mib,), torch.uint8), pool.take((mib,), torch.uint8)
+    assert c.data_ptr() == ptr and d.data_ptr() != resident.data_ptr()
+    assert int(resident.sum()) == 0
+    small = pool.take((16,), torch.float32)  # below MIN_BYTES: a plain allocation, nothing pooled
+    pool.give(small)
+    assert pool.take((16,), torch.float32).data_ptr() != ptr
+
+
+def test_host_buffers_keep_no_more_than_a_quarter_over_the_working_set():
+    # a KV read grows each step: outgrown buffers are dropped, not hoarded
+    pool = HostBuffers()
+    for step in range(1, 40):
+        bufs = [pool.take((step, HostBuffers.MIN_BYTES // 4), torch.float32) for _ in range(3)]
+        pool.give(*bufs)
+        lent = sum(t.numel() * 4 for t in bufs)
+        free = sum(t.numel() for t in pool._free)
+        assert free <= lent * 5 // 4 + 3 * HostBuffers.ROUND
+    disabled = HostBuffers(enabled=False)
+    x = disabled.take((HostBuffers.MIN_BYTES,), torch.uint8)
+    disabled.give(x)
+    assert not disabled._free
