@@ -1,4 +1,5 @@
 """Write one benchmark's section of bench/RESULTS.md, leaving the other sections as they are."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -552,9 +552,13 @@ class Transformer(nn.Module):
             )
         # one logit position per row of a multi-token forward (a prefill): the last layer computes
         # just those positions past its attention
-        keep = logits_index if logits_index is not None and logits_index.dim() == 1 and t > FEW_QUERIES else None
+        keep = (
+            logits_index if logits_index is not None and logits_index.dim() == 1 and t > FEW_QUERIES else None
+        )
         for i, layer in enumerate(self.layers):
-            x = layer(x, input_pos, mask, rope, cache_rows, kv_len, keep if i == len(self.layers) - 1 else None)
+            x = layer(
+                x, input_pos, mask, rope, cache_rows, kv_len, keep if i == len(self.layers) - 1 else None
+            )
         if keep is not None:
             x = x[:, 0]
         elif logits_index is not None:

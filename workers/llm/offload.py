@@ -546,7 +546,9 @@ class _Block(_Layer):
     def load(self, device: torch.device) -> dict[str, Tensor]:
         return {name: home.fetch(device) for name, home in self.homes.items()}
 
-    def compute(self, w: dict[str, Tensor], batch: _Batch, cache: _CacheView | _GroupAttention | None) -> None:
+    def compute(
+        self, w: dict[str, Tensor], batch: _Batch, cache: _CacheView | _GroupAttention | None
+    ) -> None:
         attention = self.skeleton.attention
         attention.kv_cache = cache
         try:
@@ -1022,7 +1024,6 @@ class OffloadedGenerator:
         for b in active:
             b.logits = merged.logits[start : start + len(b.rows)]
             start += len(b.rows)
-
 
     def _compute(self, layer: _Layer, w: Any, b: _Batch, view: _CacheView | _GroupAttention | None) -> None:
         if b.hidden is not None:
