@@ -9,6 +9,7 @@ hold padding garbage until decoding overwrites them, and no query ever reaches t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -644,14 +645,23 @@ class OneDNNLinear(nn.Linear):
 def use_onednn_linears(module: nn.Module) -> int:
     """Swap every plain `nn.Linear` of `module` for a `OneDNNLinear` sharing its parameters;
     returns how many were swapped."""
+
+    def onednn(child: nn.Linear) -> OneDNNLinear:
+        with torch.device("meta"):
+            new = OneDNNLinear(child.in_features, child.out_features, bias=child.bias is not None)
+        new.weight, new.bias = child.weight, child.bias
+        return new
+
+    return _replace_linears(module, onednn)
+
+
+def _replace_linears(module: nn.Module, build: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every plain `nn.Linear` (not subclasses, e.g. quantized ones) by `build(linear)`."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                with torch.device("meta"):
-                    new = OneDNNLinear(child.in_features, child.out_features, bias=child.bias is not None)
-                new.weight, new.bias = child.weight, child.bias
-                setattr(parent, name, new)
+                setattr(parent, name, build(child))
                 swapped += 1
     return swapped
 
@@ -738,10 +748,4 @@ def pack_linears(model: nn.Module, batch_hint: int = 64) -> int:
     Subclasses (e.g. quantized linears) are left alone. The LM head of a tied model gets its own
     packed copy; the embedding keeps the original tensor.
     """
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child, batch_hint))
-                swapped += 1
-    return swapped
+    return _replace_linears(model, lambda child: PackedLinear(child, batch_hint))

@@ -6,9 +6,8 @@ Three tiers, FlexLLMGen-style: "gpu" is the compute device (on a CPU-only machin
 Disk reads never mmap: a tensor is `pread` into a host buffer that goes back to a small pool
 (`HostBuffers`) when its reader is done, so the pages count against the process only while the
 executor's working set needs them (a mapped file's touched pages would stay in RSS as long as the
-mapping does). Weights come straight from the
-checkpoint's safetensors files when they need no conversion, otherwise from per-layer safetensors
-files written once into an offload folder. KV caches on disk are plain files, one per (layer, GPU
+mapping does). Weights come straight from the checkpoint's safetensors files when they need no
+conversion, otherwise from per-layer safetensors files written once into an offload folder. KV caches on disk are plain files, one per (layer, GPU
 batch), laid out sequence-major so the first `n` positions are one contiguous read.
 """
 
