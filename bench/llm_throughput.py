@@ -99,7 +99,8 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 # ---- matmul throughput ----
 
 
-def _gflops(fn: Any, flop: float, min_s: float = 0.5) -> float:
+def _best_seconds(fn: Any, min_s: float = 0.5) -> float:
+    """Best time of repeated calls of fn over about min_s seconds (after one warm-up call)."""
     fn()
     best = float("inf")
     deadline = time.perf_counter() + min_s
@@ -107,7 +108,11 @@ def _gflops(fn: Any, flop: float, min_s: float = 0.5) -> float:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return flop / best / 1e9
+    return best
+
+
+def _gflops(fn: Any, flop: float) -> float:
+    return flop / _best_seconds(fn) / 1e9
 
 
 def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
@@ -134,14 +139,7 @@ def read_bandwidth(mib: int = 512, min_s: float = 1.0) -> float:
     """The machine's memory read bandwidth (GB/s): best of repeated sums of a buffer far larger than
     the caches, as a plain read reaches it (an optimistic figure for strided reads)."""
     x = torch.ones(mib << 18)  # float32
-    x.sum()
-    best = float("inf")
-    deadline = time.perf_counter() + min_s
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 / _best_seconds(x.sum, min_s) / 1e9
 
 
 @dataclass
