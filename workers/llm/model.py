@@ -616,6 +616,14 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, activation, [], "none")
 
 
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs linears of `dtype` here: fp32 wherever it is built, bf16 only on CPUs
+    with bf16 instructions (AVX-512 BF16 / AMX; an AVX2-only CPU has no bf16 primitive at all)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear` through oneDNN for a dense (not pre-packed) weight on the CPU, float32 or bf16.
 
@@ -628,7 +636,7 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
         and weight.dtype == x.dtype
         and weight.layout == torch.strided
         and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.is_available()
+        and _onednn_supports(x.dtype)
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -737,8 +745,7 @@ def can_pack_linears(model: nn.Module) -> bool:
     return (
         param.device.type == "cpu"
         and param.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and (param.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        and _onednn_supports(param.dtype)
     )
 
 
