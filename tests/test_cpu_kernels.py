@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from workers.llm import cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 or no g++ here")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2/AVX-512 or no g++ here")
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (heads, kv heads, head dim): multi-head, grouped-query, an odd head count (the decode kernel's

@@ -5,11 +5,14 @@ Why: on the CPU, a batch-64 decode step spends as long outside the matmuls as in
 RoPE, the KV-cache write (`index_put_`, ~170 us a call), the attention and RMSNorm as a dozen small
 ops each, and its attention paths for these shapes are slow: SDPA's CPU flash kernel reaches ~60
 GFLOP/s on 128-token prompts, and a one-query decode attention is bound by reading the KV cache,
-which torch's paths do at well under the memory bandwidth. The kernels here (AVX-512, fp32
-accumulation, OpenMP) do each of those in one pass; `csrc/cpu_kernels.cpp` has them.
+which torch's paths do at well under the memory bandwidth. The kernels here (AVX-512 or AVX2, fp32
+accumulation, OpenMP) do each of those in one pass; `csrc/cpu_kernels.cpp` has them, written over
+the 16-lane vector layer of `csrc/vec16.h`.
 
 The source is compiled on first use with the system's g++ (about two seconds) into a per-user cache
-keyed by the source's hash. Without g++, without AVX-512, or when the build fails, `available()`
+keyed by the source's hash and the CPU's instruction sets (`-march=native`: a cache shared by
+different machines must not hand one a library built for another). Without g++, without AVX2 and
+FMA, or when the build fails, `available()`
 is False and the model keeps its torch paths. Each kernel is a torch custom op
 (`genmill::...`), so a compiled (inductor) graph calls it as an opaque kernel; eager code calls the
 kernel directly.
@@ -35,6 +38,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+HEADERS = (Path(__file__).parent / "csrc" / "vec16.h",)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # -ffp-contract=off: a * b + c stays two roundings where torch rounds twice (RoPE, residuals)
@@ -51,8 +55,9 @@ def _build() -> Path | None:
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         return None
-    source = SOURCE.read_text()
-    digest = hashlib.sha256((source + " ".join(_FLAGS) + os.uname().machine).encode()).hexdigest()[:16]
+    sources = "".join(path.read_text() for path in (SOURCE, *HEADERS))
+    key = sources + " ".join(_FLAGS) + os.uname().machine + " ".join(sorted(_cpu_flags()))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels_{digest}.so"
     if target.is_file():
         return target
@@ -82,10 +87,26 @@ _SIGNATURES = {
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _cpu_flags() -> frozenset[str]:
     cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    if not all(f in flags for f in ("avx512f", "avx512bw", "avx512vl")):
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def instruction_set() -> str | None:
+    """The vector instructions the kernels are built for here: "avx512", "avx2", or None."""
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if instruction_set() is None:
         return None
     try:
         path = _build()

@@ -1,4 +1,4 @@
-// GenMill's CPU kernels for the LLM engine (AVX-512, fp32 and bf16; OpenMP over the work items).
+// GenMill's CPU kernels for the LLM engine (AVX-512 or AVX2, fp32 and bf16; OpenMP over the work items).
 //
 // Built on first use by workers/llm/cpu_kernels.py (g++ -O3 -march=native -fopenmp
 // -ffp-contract=off). Every kernel takes raw pointers plus strides; the Python side checks shapes,
@@ -11,111 +11,32 @@
 //   genmill_silu_mul      SwiGLU's gate
 //   genmill_argmax        greedy pick
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
 
-using bf16 = uint16_t;
-
-// ---------------------------------------------------------------------------------------------
-// loads, stores, rounding
-
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const bf16* p) {  // bf16 -> fp32: the bits become the high half
-  __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-}
-static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-static inline __m512 load16(const bf16* p, __mmask16 m) {
-  __m512i x = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-}
-// fp32 -> bf16 bits, round to nearest even (as torch does)
-static inline __m256i to_bf16(__m512 x) {
-  __m512i u = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-static inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-static inline void store16(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, to_bf16(x)); }
-static inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
-static inline void store16(bf16* p, __m512 x, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(x)); }
+#include "vec16.h"
 
 // the value x takes when stored in T: identity for fp32, bf16 rounding for bf16
-static inline __m512 round_to(__m512 x, const float*) { return x; }
-static inline __m512 round_to(__m512 x, const bf16*) {
-  __m512i w = _mm512_cvtepu16_epi32(to_bf16(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
-static inline __mmask16 first(int n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+static inline V16 round_to(V16 x, const float*) { return x; }
+static inline V16 round_to(V16 x, const bf16*) { return round_bf16(x); }
 
 // exp of 16 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor (rel. error ~2e-7)
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// r[j] = sum of the 16 lanes of v[j]: a transpose-and-add tree, ~45 instructions for 16 sums
-// instead of 16 separate horizontal reductions
-static inline __m512 hsum16(const __m512* v) {
-  __m512 a[8], b[4];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  // b[g] holds, per 128-bit block k, the block-k sums of vectors 4g..4g+3: add the blocks up
-  __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(d01, d23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// transpose a 16 x 16 block held as 16 rows: r[j] lane d becomes r[d] lane j
-static inline void transpose16(__m512* r) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {  // per 128-bit block k: pairs of rows 2i, 2i+1 at lanes 4k..4k+3
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // u[4i + c], block k: column 4k + c of rows 4i..4i+3
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  for (int c = 0; c < 4; ++c) {  // column 4k + c: block k of u[c], u[4 + c], u[8 + c], u[12 + c]
-    const __m512 v_lo = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
-    const __m512 v_hi = _mm512_shuffle_f32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
-    const __m512 w_lo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
-    const __m512 w_hi = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
-    r[c] = _mm512_shuffle_f32x4(v_lo, w_lo, _MM_SHUFFLE(2, 0, 2, 0));
-    r[4 + c] = _mm512_shuffle_f32x4(v_hi, w_hi, _MM_SHUFFLE(2, 0, 2, 0));
-    r[8 + c] = _mm512_shuffle_f32x4(v_lo, w_lo, _MM_SHUFFLE(3, 1, 3, 1));
-    r[12 + c] = _mm512_shuffle_f32x4(v_hi, w_hi, _MM_SHUFFLE(3, 1, 3, 1));
-  }
+static inline V16 exp16(V16 x) {
+  x = v_max(x, v_set1(-87.0f));
+  const V16 n = v_round(v_mul(x, v_set1(1.44269504f)));
+  V16 r = v_fnmadd(n, v_set1(0.693145752f), x);
+  r = v_fnmadd(n, v_set1(1.42860677e-6f), r);
+  V16 p = v_set1(1.0f / 720);
+  p = v_fmadd(p, r, v_set1(1.0f / 120));
+  p = v_fmadd(p, r, v_set1(1.0f / 24));
+  p = v_fmadd(p, r, v_set1(1.0f / 6));
+  p = v_fmadd(p, r, v_set1(0.5f));
+  p = v_fmadd(p, r, v_set1(1.0f));
+  p = v_fmadd(p, r, v_set1(1.0f));
+  return v_scalef(p, n);
 }
 
 // RoPE in transformers' "rotate half" layout on one head of D values (fp32 in and out):
@@ -149,8 +70,8 @@ static inline void query_as_torch(float* dst, const T* src, const float* cos, co
   head_to_float<T, D>(dst, src);
   if (cos != nullptr) rope<D>(dst, cos, sin);
   for (int c = 0; c < D; c += 16) {
-    __m512 x = round_to(load16(dst + c), (const T*)nullptr);
-    if (q_scale != 1.0f) x = round_to(_mm512_mul_ps(x, _mm512_set1_ps(q_scale)), (const T*)nullptr);
+    V16 x = round_to(load16(dst + c), (const T*)nullptr);
+    if (q_scale != 1.0f) x = round_to(v_mul(x, v_set1(q_scale)), (const T*)nullptr);
     store16(dst + c, x);
   }
 }
@@ -158,13 +79,13 @@ static inline void query_as_torch(float* dst, const T* src, const float* cos, co
 
 // q . k partial sums for one key row (16 lanes, summed later by hsum16)
 template <int D>
-static inline __m512 dot_partial(const __m512* qv, const float* kr) {
-  __m512 a = _mm512_mul_ps(qv[0], load16(kr));
-  for (int c = 1; c < D / 16; ++c) a = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), a);
+static inline V16 dot_partial(const V16* qv, const float* kr) {
+  V16 a = v_mul(qv[0], load16(kr));
+  for (int c = 1; c < D / 16; ++c) a = v_fmadd(qv[c], load16(kr + 16 * c), a);
   return a;
 }
 template <int D>
-static inline __m512 dot_partial(const __m512* qv, const bf16* kr) {
+static inline V16 dot_partial(const V16* qv, const bf16* kr) {
 #ifdef __AVX512BF16__
   if constexpr (D % 32 == 0) {  // qv holds q as bf16 pairs (see load_query): one dpbf16 per 32 values
     __m512 a = _mm512_setzero_ps();
@@ -173,17 +94,17 @@ static inline __m512 dot_partial(const __m512* qv, const bf16* kr) {
     return a;
   }
 #endif
-  __m512 a = _mm512_mul_ps(qv[0], load16(kr));
-  for (int c = 1; c < D / 16; ++c) a = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), a);
+  V16 a = v_mul(qv[0], load16(kr));
+  for (int c = 1; c < D / 16; ++c) a = v_fmadd(qv[c], load16(kr + 16 * c), a);
   return a;
 }
 // q (fp32 values already rounded to T) in the form dot_partial wants
 template <int D>
-static inline void load_query(__m512* qv, const float* q, const float*) {
+static inline void load_query(V16* qv, const float* q, const float*) {
   for (int c = 0; c < D / 16; ++c) qv[c] = load16(q + 16 * c);
 }
 template <int D>
-static inline void load_query(__m512* qv, const float* q, const bf16*) {
+static inline void load_query(V16* qv, const float* q, const bf16*) {
 #ifdef __AVX512BF16__
   if constexpr (D % 32 == 0) {
     for (int c = 0; c < D / 32; ++c)
@@ -203,7 +124,7 @@ template <int D> constexpr int decode_group() { return D >= 256 ? 1 : (D == 128 
 // one item's query, its K/V blocks and key count
 template <typename T, int D>
 struct DecodeItem {
-  __m512 qv[D / 16];
+  V16 qv[D / 16];
   const T* kp;
   const T* vp;
   int64_t n;
@@ -221,7 +142,7 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
   constexpr int G = decode_group<D>();
   const int64_t group = H / Hkv, items = B * H, groups = (items + G - 1) / G;
   const int64_t Sp = (S + 15) / 16 * 16;
-  const __m512 vscale = _mm512_set1_ps(scale);
+  const V16 vscale = v_set1(scale);
 #pragma omp parallel
   {
     alignas(64) float buf[D];
@@ -255,56 +176,56 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
       }
       // scores, 16 keys at a time (one K pass per item), then the probabilities, then one V pass:
       // two passes measured ~20% faster here than an online softmax reading K and V tiles together
-      __m512 mx[G];
-      for (int g = 0; g < G; ++g) mx[g] = _mm512_set1_ps(-INFINITY);
+      V16 mx[G];
+      for (int g = 0; g < G; ++g) mx[g] = v_set1(-INFINITY);
       for (int64_t s0 = 0; s0 < longest; s0 += 16) {
         // key by key across the items (the interleave that keeps G streams going), partial sums
         // parked in L1
-        alignas(64) __m512 part[G][16];
+        alignas(64) V16 part[G][16];
         for (int j = 0; j < 16; ++j)
           for (int g = 0; g < G; ++g)
             part[g][j] = g < g_n && s0 + j < it[g].n ? dot_partial<D>(it[g].qv, it[g].kp + (s0 + j) * D)
-                                                     : _mm512_setzero_ps();
+                                                     : v_zero();
         for (int g = 0; g < g_n; ++g) {
           if (s0 >= it[g].n) continue;
           const int cnt = int(std::min<int64_t>(16, it[g].n - s0));
-          const __m512 sv = _mm512_mul_ps(hsum16(part[g]), vscale);
-          _mm512_store_ps(sc + g * Sp + s0, sv);
-          mx[g] = _mm512_mask_max_ps(mx[g], first(cnt), mx[g], sv);
+          const V16 sv = v_mul(hsum16(part[g]), vscale);
+          store16(sc + g * Sp + s0, sv);
+          mx[g] = v_max_where(mx[g], sv, first(cnt));
         }
       }
       // probabilities (fp32; 0 past the last key) and their sums
       float inv[G];
       for (int g = 0; g < g_n; ++g) {
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g]));
-        __m512 lv = _mm512_setzero_ps();
+        const V16 m = v_set1(v_reduce_max(mx[g]));
+        V16 lv = v_zero();
         float* p = sc + g * Sp;
         for (int64_t s0 = 0; s0 < it[g].n; s0 += 16) {
-          const __mmask16 valid = first(int(std::min<int64_t>(16, it[g].n - s0)));
-          const __m512 pv = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_load_ps(p + s0), m)));
-          _mm512_store_ps(p + s0, pv);
-          lv = _mm512_add_ps(lv, pv);
+          const Mask valid = first(int(std::min<int64_t>(16, it[g].n - s0)));
+          const V16 pv = v_zero_unless(exp16(v_sub(load16(p + s0), m)), valid);
+          store16(p + s0, pv);
+          lv = v_add(lv, pv);
         }
-        inv[g] = 1.0f / _mm512_reduce_add_ps(lv);
+        inv[g] = 1.0f / v_reduce_add(lv);
       }
       // sum_j p_j V_j, fp32, keys in order per item; the G items' accumulator chains interleave
-      __m512 acc[G][D / 16];
+      V16 acc[G][D / 16];
       for (int g = 0; g < G; ++g)
-        for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_setzero_ps();
+        for (int c = 0; c < D / 16; ++c) acc[g][c] = v_zero();
       for (int64_t s0 = 0; s0 < longest; s0 += 16) {
         const int64_t stop = std::min<int64_t>(16, longest - s0);
         for (int64_t j = 0; j < stop; ++j)
           for (int g = 0; g < g_n; ++g) {
             if (s0 + j >= it[g].n) continue;
-            const __m512 pj = _mm512_set1_ps(sc[g * Sp + s0 + j]);
+            const V16 pj = v_set1(sc[g * Sp + s0 + j]);
             const T* vr = it[g].vp + (s0 + j) * D;
-            for (int c = 0; c < D / 16; ++c) acc[g][c] = _mm512_fmadd_ps(pj, load16(vr + 16 * c), acc[g][c]);
+            for (int c = 0; c < D / 16; ++c) acc[g][c] = v_fmadd(pj, load16(vr + 16 * c), acc[g][c]);
           }
       }
       for (int g = 0; g < g_n; ++g) {
         const int64_t item = gi * G + g;
-        const __m512 iv = _mm512_set1_ps(inv[g]);
-        for (int c = 0; c < D / 16; ++c) store16(out + item * D + 16 * c, _mm512_mul_ps(acc[g][c], iv));
+        const V16 iv = v_set1(inv[g]);
+        for (int c = 0; c < D / 16; ++c) store16(out + item * D + 16 * c, v_mul(acc[g][c], iv));
       }
     }
     std::free(sc);
@@ -351,10 +272,10 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
         for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
           const int cnt = int(std::max<int64_t>(0, std::min<int64_t>(16, Lk - j0)));
           for (int d0 = 0; d0 < D; d0 += 16) {
-            __m512 blk[16];
-            for (int j = 0; j < 16; ++j) blk[j] = j < cnt ? load16(kcb + (j0 + j) * D + d0) : _mm512_setzero_ps();
+            V16 blk[16];
+            for (int j = 0; j < 16; ++j) blk[j] = j < cnt ? load16(kcb + (j0 + j) * D + d0) : v_zero();
             transpose16(blk);
-            for (int d = 0; d < 16; ++d) _mm512_storeu_ps(kt.data() + (d0 + d) * Lp + j0, blk[d]);
+            for (int d = 0; d < 16; ++d) store16(kt.data() + (d0 + d) * Lp + j0, blk[d]);
           }
         }
         for (int64_t j = 0; j < Lk; ++j) head_to_float<T, D>(vf.data() + j * D, vcb + j * D);
@@ -372,53 +293,53 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
             const int64_t n = start + i0 + rows;  // keys 0..n-1 are visible to some row of the block
             // scores: R rows x 32 keys per step (2R independent FMA chains), the key tiles read
             // once per d for the R rows; scaled as they are stored
-            const __m512 vscale = _mm512_set1_ps(scale);
+            const V16 vscale = v_set1(scale);
             for (int64_t j0 = 0; j0 < n; j0 += 32) {
-              __m512 a0[R], a1[R];
-              for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+              V16 a0[R], a1[R];
+              for (int r = 0; r < R; ++r) a0[r] = a1[r] = v_zero();
               for (int d = 0; d < D; ++d) {
-                const __m512 k0 = _mm512_loadu_ps(kt.data() + d * Lp + j0);
-                const __m512 k1 = _mm512_loadu_ps(kt.data() + d * Lp + j0 + 16);
+                const V16 k0 = load16(kt.data() + d * Lp + j0);
+                const V16 k1 = load16(kt.data() + d * Lp + j0 + 16);
                 for (int r = 0; r < R; ++r) {
-                  const __m512 qd = _mm512_set1_ps(qf[r][d]);
-                  a0[r] = _mm512_fmadd_ps(qd, k0, a0[r]);
-                  a1[r] = _mm512_fmadd_ps(qd, k1, a1[r]);
+                  const V16 qd = v_set1(qf[r][d]);
+                  a0[r] = v_fmadd(qd, k0, a0[r]);
+                  a1[r] = v_fmadd(qd, k1, a1[r]);
                 }
               }
               for (int r = 0; r < R; ++r) {
-                _mm512_storeu_ps(sc.data() + r * Lp + j0, _mm512_mul_ps(a0[r], vscale));
-                _mm512_storeu_ps(sc.data() + r * Lp + j0 + 16, _mm512_mul_ps(a1[r], vscale));
+                store16(sc.data() + r * Lp + j0, v_mul(a0[r], vscale));
+                store16(sc.data() + r * Lp + j0 + 16, v_mul(a1[r], vscale));
               }
             }
             // softmax of each row over its causal prefix; later keys get probability 0
             for (int r = 0; r < rows; ++r) {
               float* s = sc.data() + r * Lp;
               const int64_t nr = start + i0 + r + 1;
-              __m512 mx = _mm512_set1_ps(-INFINITY);
+              V16 mx = v_set1(-INFINITY);
               for (int64_t j0 = 0; j0 < nr; j0 += 16)
-                mx = _mm512_mask_max_ps(mx, first(int(std::min<int64_t>(16, nr - j0))), mx, _mm512_loadu_ps(s + j0));
-              const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-              __m512 lv = _mm512_setzero_ps();
+                mx = v_max_where(mx, load16(s + j0), first(int(std::min<int64_t>(16, nr - j0))));
+              const V16 vm = v_set1(v_reduce_max(mx));
+              V16 lv = v_zero();
               for (int64_t j0 = 0; j0 < n; j0 += 16) {
-                const __mmask16 valid = first(int(std::max<int64_t>(0, std::min<int64_t>(16, nr - j0))));
-                const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j0), vm)));
-                _mm512_storeu_ps(s + j0, p);
-                lv = _mm512_add_ps(lv, p);
+                const Mask valid = first(int(std::max<int64_t>(0, std::min<int64_t>(16, nr - j0))));
+                const V16 p = v_zero_unless(exp16(v_sub(load16(s + j0), vm)), valid);
+                store16(s + j0, p);
+                lv = v_add(lv, p);
               }
-              const float inv = 1.0f / _mm512_reduce_add_ps(lv);
+              const float inv = 1.0f / v_reduce_add(lv);
               for (int64_t j0 = 0; j0 < n; j0 += 16)
-                _mm512_storeu_ps(s + j0, _mm512_mul_ps(_mm512_loadu_ps(s + j0), _mm512_set1_ps(inv)));
+                store16(s + j0, v_mul(load16(s + j0), v_set1(inv)));
             }
             // out rows = P V: each value row read once for the R rows
-            __m512 o[R][D / 16];
+            V16 o[R][D / 16];
             for (int r = 0; r < R; ++r)
-              for (int c = 0; c < D / 16; ++c) o[r][c] = _mm512_setzero_ps();
+              for (int c = 0; c < D / 16; ++c) o[r][c] = v_zero();
             for (int64_t j = 0; j < n; ++j) {
               const float* vr = vf.data() + j * D;
               for (int c = 0; c < D / 16; ++c) {
-                const __m512 x = _mm512_loadu_ps(vr + 16 * c);
+                const V16 x = load16(vr + 16 * c);
                 for (int r = 0; r < R; ++r)
-                  o[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * Lp + j]), x, o[r][c]);
+                  o[r][c] = v_fmadd(v_set1(sc[r * Lp + j]), x, o[r][c]);
               }
             }
             for (int r = 0; r < rows; ++r) {
@@ -441,23 +362,23 @@ static void rms_norm(const T* x, const T* res, const T* w, T* sum_out, T* y, int
   for (int64_t i = 0; i < N; ++i) {
     const T* xr = x + i * C;
     T* sr = sum_out != nullptr ? sum_out + i * C : nullptr;
-    __m512 ss = _mm512_setzero_ps();
+    V16 ss = v_zero();
     for (int64_t c = 0; c < C; c += 16) {
-      const __mmask16 m = first(int(std::min<int64_t>(16, C - c)));
-      __m512 a = load16(xr + c, m);
+      const Mask m = first(int(std::min<int64_t>(16, C - c)));
+      V16 a = load16(xr + c, m);
       if (res != nullptr) {
-        a = round_to(_mm512_add_ps(a, load16(res + i * C + c, m)), (const T*)nullptr);
+        a = round_to(v_add(a, load16(res + i * C + c, m)), (const T*)nullptr);
         store16(sr + c, a, m);
       }
-      ss = _mm512_fmadd_ps(a, a, ss);
+      ss = v_fmadd(a, a, ss);
     }
     // torch: rsqrt(mean(s^2) + eps), its mean being sum * (1 / C)
-    const float r = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) * (1.0f / float(C)) + eps);
+    const float r = 1.0f / std::sqrt(v_reduce_add(ss) * (1.0f / float(C)) + eps);
     const T* src = res != nullptr ? sr : xr;
     for (int64_t c = 0; c < C; c += 16) {
-      const __mmask16 m = first(int(std::min<int64_t>(16, C - c)));
-      const __m512 a = round_to(_mm512_mul_ps(load16(src + c, m), _mm512_set1_ps(r)), (const T*)nullptr);
-      store16(y + i * C + c, _mm512_mul_ps(load16(w + c, m), a), m);
+      const Mask m = first(int(std::min<int64_t>(16, C - c)));
+      const V16 a = round_to(v_mul(load16(src + c, m), v_set1(r)), (const T*)nullptr);
+      store16(y + i * C + c, v_mul(load16(w + c, m), a), m);
     }
   }
 }
@@ -472,11 +393,11 @@ static void silu_mul(const T* h, T* y, int64_t N, int64_t I) {
     const T* a = h + i * 2 * I;
     const T* b = a + I;
     for (int64_t c = 0; c < I; c += 16) {
-      const __mmask16 m = first(int(std::min<int64_t>(16, I - c)));
-      const __m512 x = load16(a + c, m);
+      const Mask m = first(int(std::min<int64_t>(16, I - c)));
+      const V16 x = load16(a + c, m);
       // x * sigmoid(x) = x / (1 + exp(-x))
-      const __m512 g = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-      store16(y + i * I + c, _mm512_mul_ps(round_to(g, (const T*)nullptr), load16(b + c, m)), m);
+      const V16 g = v_div(x, v_add(v_set1(1.0f), exp16(v_sub(v_zero(), x))));
+      store16(y + i * I + c, v_mul(round_to(g, (const T*)nullptr), load16(b + c, m)), m);
     }
   }
 }
@@ -490,22 +411,22 @@ static void argmax_rows(const T* x, int64_t* out, int64_t N, int64_t V) {
 #pragma omp parallel for schedule(static) if (N * V >= 65536)
   for (int64_t i = 0; i < N; ++i) {
     const T* row = x + i * V;
-    __m512 best[A];
-    __m512i at[A];
-    __mmask16 nan[A];
-    for (int a = 0; a < A; ++a) best[a] = _mm512_set1_ps(-INFINITY), at[a] = _mm512_set1_epi32(-1), nan[a] = 0;
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    V16 best[A];
+    I16 at[A];
+    Mask nan[A];
+    for (int a = 0; a < A; ++a) best[a] = v_set1(-INFINITY), at[a] = i_set1(-1), nan[a] = 0;
+    const I16 lanes = i_lanes();
     for (int64_t c0 = 0; c0 < V; c0 += 16 * A) {
       for (int a = 0; a < A; ++a) {
         const int64_t c = c0 + 16 * a;
         if (c >= V) break;
-        const __mmask16 m = first(int(std::min<int64_t>(16, V - c)));
-        const __m512 v = load16(row + c, m);
+        const Mask m = first(int(std::min<int64_t>(16, V - c)));
+        const V16 v = load16(row + c, m);
         // strictly greater keeps each lane's first maximum; a lane's first NaN wins and stays
-        const __mmask16 isnan = _mm512_mask_cmp_ps_mask(m & ~nan[a], v, v, _CMP_UNORD_Q);
-        const __mmask16 take = _mm512_mask_cmp_ps_mask(m & ~nan[a], v, best[a], _CMP_GT_OQ) | isnan;
-        best[a] = _mm512_mask_mov_ps(best[a], take, v);
-        at[a] = _mm512_mask_mov_epi32(at[a], take, _mm512_add_epi32(lanes, _mm512_set1_epi32(int(c))));
+        const Mask isnan = v_nan(v, m & ~nan[a]);
+        const Mask take = v_greater(v, best[a], m & ~nan[a]) | isnan;
+        best[a] = v_select(best[a], v, take);
+        at[a] = i_select(at[a], i_add(lanes, i_set1(int32_t(c))), take);
         nan[a] |= isnan;
       }
     }
@@ -515,8 +436,8 @@ static void argmax_rows(const T* x, int64_t* out, int64_t N, int64_t V) {
     for (int a = 0; a < A; ++a) {  // across lanes and sets: NaN first, then the larger value, then the smaller index
       alignas(64) float bv[16];
       alignas(64) int32_t bi[16];
-      _mm512_store_ps(bv, best[a]);
-      _mm512_store_epi32(bi, at[a]);
+      store16(bv, best[a]);
+      i_store(bi, at[a]);
       for (int l = 0; l < 16; ++l) {
         if (bi[l] < 0) continue;
         const bool ln = (nan[a] >> l) & 1;
