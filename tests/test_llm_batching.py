@@ -124,13 +124,20 @@ def test_packed_linears_match_dense_logits(folders, dtype):
     assert sum(p.numel() for p in packed.parameters()) == n_params
     tokens = torch.tensor([[1, 45, 57, 50, 76, 268], [1, 35, 269, 6, 7, 8]])
     pos = torch.arange(6).expand(2, 6)
+    models = [dense, packed] + ([] if dtype == "float32" else [load_checkpoint(folders["llama"]).model])
     outs = []
-    for model in (dense, packed):
-        model.setup_caches(2, 16, getattr(torch, dtype), "cpu")
+    for model in models:
+        model.setup_caches(2, 16, next(model.parameters()).dtype, "cpu")
         with torch.inference_mode():
             outs.append(model(tokens, pos).float())
-    tol = 1e-4 if dtype == "float32" else 5e-2
-    torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+    if dtype == "float32":
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    else:
+        # bf16 roundings differ between GEMMs (oneDNN's bf16 one, or fp32 on widened weights where
+        # the CPU has no bf16 instructions); packed must be as close to the fp32 model as dense is
+        dense_err, packed_err = ((out - outs[2]).abs() for out in outs[:2])
+        assert packed_err.mean() <= 1.25 * dense_err.mean(), (packed_err.mean(), dense_err.mean())
+        assert packed_err.max() <= 1.25 * dense_err.max() + 0.02, (packed_err.max(), dense_err.max())
 
 
 def test_engine_options_are_validated(folders):
@@ -235,7 +242,7 @@ def test_cpu_kernels_match_torch(folders, arch):
     from workers.llm.model import enable_cpu_kernels, fuse_projections
 
     if not cpu_kernels.available():
-        pytest.skip("no AVX-512 or no g++: the kernels are not built here")
+        pytest.skip("no AVX2/AVX-512 or no g++: the kernels are not built here")
     logits = {}
     for dtype in ("float32", "bfloat16"):
         for kernels in (False, True):
