@@ -37,7 +37,12 @@ def _cpu() -> str:
         return f"{os.cpu_count()} cores"
     detail = f"family {info.get('cpu family', '?')}, model {info.get('model', '?')}"
     # the strongest matmul unit
-    for name, flag in (("AMX", "amx_tile"), ("AVX-512 bf16", "avx512_bf16"), ("AVX-512", "avx512f"), ("AVX2", "avx2")):
+    for name, flag in (
+        ("AMX", "amx_tile"),
+        ("AVX-512 bf16", "avx512_bf16"),
+        ("AVX-512", "avx512f"),
+        ("AVX2", "avx2"),
+    ):
         if flag in flags:
             detail += f"; {name}"
             break

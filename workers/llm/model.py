@@ -611,7 +611,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
-        self.widened = weight.dtype == torch.bfloat16 and not _onednn_supports(torch.bfloat16)
+        self.widened = weight.dtype == torch.bfloat16 and widens_bf16()
         if self.widened:
             weight, bias = weight.float(), None if bias is None else bias.float()
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
@@ -636,7 +636,14 @@ def _onednn_supports(dtype: torch.dtype) -> bool:
     with bf16 instructions (AVX-512 BF16 / AMX; an AVX2-only CPU has no bf16 primitive at all)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 or (
+        dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def widens_bf16() -> bool:
+    """Whether `PackedLinear` runs bf16 as fp32 on widened weights here (no bf16 GEMM in oneDNN)."""
+    return not _onednn_supports(torch.bfloat16)
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
