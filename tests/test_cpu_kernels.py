@@ -1,4 +1,8 @@
 """The CPU kernels against torch on the same inputs: cache writes, attention, norms, gate, argmax."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,3 +154,38 @@ def test_argmax_picks_the_first_maximum_like_torch(dtype, vocab):
     x[3] = float("-inf")
     x[4] = 1.0
     assert torch.equal(cpu_kernels.argmax(x), x.max(dim=-1).indices)
+
+
+def test_the_library_is_built_for_the_instruction_set_chosen_here():
+    assert cpu_kernels.built_for() == cpu_kernels.instruction_set()
+
+
+def _has_avx512() -> bool:
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    return {"avx512f", "avx512bw", "avx512vl"} <= set(flags)
+
+
+@pytest.mark.parametrize("choice", ["off", "avx2", "auto", None])
+def test_genmill_cpu_kernels_picks_the_build(monkeypatch, choice):
+    if choice is None:
+        monkeypatch.delenv("GENMILL_CPU_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("GENMILL_CPU_KERNELS", choice)
+    widest = "avx512" if _has_avx512() else "avx2"
+    expected = {"off": None, "avx2": "avx2", "auto": widest, None: widest}[choice]
+    assert cpu_kernels.instruction_set() == expected
+
+
+def test_genmill_cpu_kernels_rejects_an_unknown_choice(monkeypatch):
+    monkeypatch.setenv("GENMILL_CPU_KERNELS", "sse9")
+    with pytest.raises(ValueError, match="GENMILL_CPU_KERNELS='sse9'"):
+        cpu_kernels.instruction_set()
+
+
+@pytest.mark.skipif(cpu_kernels.instruction_set() != "avx512", reason="no AVX-512 here: the AVX2 build ran above")
+def test_the_avx2_build_passes_these_tests_on_an_avx512_cpu():
+    env = {**os.environ, "GENMILL_CPU_KERNELS": "avx2"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx512_cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]

@@ -9,11 +9,12 @@ which torch's paths do at well under the memory bandwidth. The kernels here (AVX
 accumulation, OpenMP) do each of those in one pass; `csrc/cpu_kernels.cpp` has them, written over
 the 16-lane vector layer of `csrc/vec16.h`.
 
-The source is compiled on first use with the system's g++ (about two seconds) into a per-user cache
-keyed by the source's hash and the CPU's instruction sets (`-march=native`: a cache shared by
-different machines must not hand one a library built for another). Without g++, without AVX2 and
-FMA, or when the build fails, `available()`
-is False and the model keeps its torch paths. Each kernel is a torch custom op
+The source is compiled on first use with the system's g++ (a few seconds; ~20 s for the AVX2
+build) into a per-user cache keyed by the source's hash and the CPU's instruction sets
+(`-march=native`: a cache shared by different machines must not hand one a library built for
+another). Without g++, without AVX2 and FMA, or when the build fails, `available()` is False and
+the model keeps its torch paths. GENMILL_CPU_KERNELS=avx2 builds the AVX2 kernels on an AVX-512 CPU
+too; GENMILL_CPU_KERNELS=off leaves the kernels out. Each kernel is a torch custom op
 (`genmill::...`), so a compiled (inductor) graph calls it as an opaque kernel; eager code calls the
 kernel directly.
 """
@@ -43,6 +44,20 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # -ffp-contract=off: a * b + c stays two roundings where torch rounds twice (RoPE, residuals)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
+# GENMILL_CPU_KERNELS: "auto" (default: the widest instruction set the CPU has), "avx2" (the AVX2
+# build on an AVX-512 CPU too: to compare the two, or where AVX-512 lowers the clock), "off"
+_CHOICES = ("auto", "avx2", "off")
+
+
+def _choice() -> str:
+    choice = os.environ.get("GENMILL_CPU_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"GENMILL_CPU_KERNELS={choice!r}: expected one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def _flags() -> list[str]:
+    return [*_FLAGS, "-mno-avx512f"] if instruction_set() == "avx2" else _FLAGS
 
 
 def _cache_dir() -> Path:
@@ -56,7 +71,7 @@ def _build() -> Path | None:
     if cxx is None:
         return None
     sources = "".join(path.read_text() for path in (SOURCE, *HEADERS))
-    key = sources + " ".join(_FLAGS) + os.uname().machine + " ".join(sorted(_cpu_flags()))
+    key = sources + " ".join(_flags()) + os.uname().machine + " ".join(sorted(_cpu_flags()))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels_{digest}.so"
     if target.is_file():
@@ -64,7 +79,8 @@ def _build() -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         lib = Path(tmp) / "kernels.so"
-        result = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", str(lib)], check=False, capture_output=True, text=True)
+        command = [cxx, *_flags(), str(SOURCE), "-o", str(lib)]
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
         if result.returncode != 0:
             log.info("CPU kernels not built (%s): %s", cxx, result.stderr[-2000:])
             return None
@@ -83,6 +99,7 @@ _SIGNATURES = {
     "genmill_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
+    "genmill_isa": [],
 }
 
 
@@ -95,9 +112,12 @@ def _cpu_flags() -> frozenset[str]:
 
 
 def instruction_set() -> str | None:
-    """The vector instructions the kernels are built for here: "avx512", "avx2", or None."""
-    flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+    """The vector instructions the kernels are built for here: "avx512", "avx2", or None (not
+    built: the CPU has neither, or GENMILL_CPU_KERNELS=off)."""
+    flags, choice = _cpu_flags(), _choice()
+    if choice == "off":
+        return None
+    if choice == "auto" and {"avx512f", "avx512bw", "avx512vl"} <= flags:
         return "avx512"
     if {"avx2", "fma"} <= flags:
         return "avx2"
@@ -124,6 +144,12 @@ def _library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return _library() is not None
+
+
+def built_for() -> str | None:
+    """The instruction set of the loaded library ("avx512" or "avx2"), None when not built."""
+    lib = _library()
+    return None if lib is None else {512: "avx512", 256: "avx2"}[lib.genmill_isa()]
 
 
 def _kernel_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Any]:

@@ -515,3 +515,6 @@ extern "C" int genmill_rms_norm(int is_bf16, const void* x, const void* res, con
     rms_norm<float>((const float*)x, (const float*)res, (const float*)w, (float*)sum_out, (float*)y, N, C, eps);
   return 0;
 }
+
+// the vector width this build runs (512: AVX-512, 256: AVX2), for the Python side to report
+extern "C" int genmill_isa() { return GENMILL_ISA; }
