@@ -107,6 +107,13 @@ class LLMEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens or prefill_chunk_for(self.model)
         if packed_linears and can_pack_linears(self.model):
             pack_linears(self.model, batch_hint=max_batch_size)
+            widened = sum(m.weight.numel() for m in self.model.modules() if getattr(m, "widened", False))
+            if widened:
+                log.info(
+                    "bf16 linears run as fp32 on widened weights (this CPU has no bf16 matmul): "
+                    "+%.0f MiB of weights; packed_linears=false keeps bf16 weights at ~10x slower matmuls",
+                    widened * 2 / 2**20,
+                )
         if cpu_kernels:
             enable_cpu_kernels(self.model)
         # compiled graphs live as long as the engine: once per worker and shape bucket, never per job
