@@ -8,6 +8,7 @@ hold padding garbage until decoding overwrites them, and no query ever reaches t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -631,6 +632,7 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, activation, [], "none")
 
 
+@functools.cache  # a property of the CPU and the torch build; asked per call by onednn_linear
 def _onednn_supports(dtype: torch.dtype) -> bool:
     """Whether oneDNN runs linears of `dtype` here: fp32 wherever it is built, bf16 only on CPUs
     with bf16 instructions (AVX-512 BF16 / AMX; an AVX2-only CPU has no bf16 primitive at all)."""
