@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import write_section
+from workers.llm.cpu_kernels import amx_available
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.model import PackedLinear, widens_bf16
 from workers.llm.sampling import SamplingParams
@@ -118,7 +119,8 @@ def _gflops(fn: Any, flop: float) -> float:
 
 def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
     """GFLOP/s per (dtype, shape, method); methods: torch's F.linear and the engine's `PackedLinear`
-    (oneDNN with a packed weight; for bf16 on a CPU without bf16 instructions, fp32 on a widened one)."""
+    (oneDNN with a packed weight; for bf16, the AMX kernel on an AMX CPU, fp32 on a widened weight on
+    a CPU without bf16 instructions)."""
     shapes = {"64x768x3072": (64, 768, 3072), "7680x768x3072": (7680, 768, 3072)}
     out: dict[tuple[str, str, str], float] = {}
     for dtype in dtypes:
@@ -133,7 +135,7 @@ def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
                 out[dtype, label, "torch F.linear"] = _gflops(
                     lambda x=x, w=linear.weight: F.linear(x, w), flop
                 )
-                out[dtype, label, "oneDNN packed"] = _gflops(lambda x=x, p=packed: p(x), flop)
+                out[dtype, label, "packed"] = _gflops(lambda x=x, p=packed: p(x), flop)
     return out
 
 
@@ -396,8 +398,10 @@ def report(
         "",
         (
             "**Machine matmul throughput** (GFLOP/s, measured in this run; best of repeated calls; the "
-            "engine's packed linear is oneDNN with a packed weight, in bf16 on a CPU without bf16 "
-            f"instructions fp32 on a weight widened once{' (the case here)' if widens_bf16() else ''}):"
+            "engine's packed linear is oneDNN with a packed weight; in bf16, GenMill's AMX tile kernel "
+            f"on a CPU with AMX{' (the case here)' if amx_available() else ''}, and fp32 on a weight "
+            "widened once on a CPU without bf16 instructions"
+            f"{' (the case here)' if widens_bf16() else ''}):"
         ),
         "",
         "| dtype | shape (MxKxN) | torch F.linear | engine's packed linear |",
@@ -407,7 +411,7 @@ def report(
         for shape in ("64x768x3072", "7680x768x3072"):
             lines.append(
                 f"| {dtype} | {shape} | {gemm[dtype, shape, 'torch F.linear']:.0f} "
-                f"| {gemm[dtype, shape, 'oneDNN packed']:.0f} |"
+                f"| {gemm[dtype, shape, 'packed']:.0f} |"
             )
     lines += [
         "",
@@ -416,7 +420,7 @@ def report(
             "ring of distinct 64x768x3072 weights, 512 MiB in all, as in a decode step, whose weights and "
             "KV cache far exceed the caches; the table's row reuses one cached weight): "
             + ", ".join(
-                f"{d} {v:.0f} GFLOP/s ({v / gemm[d, '64x768x3072', 'oneDNN packed']:.0%} of the cached rate, "
+                f"{d} {v:.0f} GFLOP/s ({v / gemm[d, '64x768x3072', 'packed']:.0%} of the cached rate, "
                 f"{v * 1e9 / (2 * 64) * DTYPES[d].itemsize / 1e9:.1f} GB/s of weights)"
                 for d, v in streamed.items()
             )

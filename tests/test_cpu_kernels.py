@@ -185,7 +185,51 @@ def test_genmill_cpu_kernels_rejects_an_unknown_choice(monkeypatch):
 @pytest.mark.skipif(cpu_kernels.instruction_set() != "avx512", reason="no AVX-512 here: the AVX2 build ran above")
 def test_the_avx2_build_passes_these_tests_on_an_avx512_cpu():
     env = {**os.environ, "GENMILL_CPU_KERNELS": "avx2"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx512_cpu"]
+    # the AMX linear needs AVX-512 (it is left out of the AVX2 build, see test_amx_is_left_out_of_the_avx2_build)
+    select = "not avx512_cpu and not amx_linear"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+# ---- bf16 linear on AMX tiles ----
+
+amx = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX here (or the OS does not grant it)")
+
+
+@amx
+@pytest.mark.parametrize(("n", "k"), [(96, 64), (100, 72), (40, 2048)])
+def test_amx_linear_is_the_bf16_linear_rounded_once(n, k):
+    # sizes that are not multiples of the 32-wide blocks are padded inside; products of bf16 values
+    # are exact in fp32, so only the order of the fp32 sums separates it from the reference
+    torch.manual_seed(0)
+    w, bias = (torch.randn(n, k) / k**0.5).bfloat16(), torch.randn(n)
+    x = torch.randn(2, 35, k).bfloat16()
+    packed = cpu_kernels.amx_pack(w)
+    y = cpu_kernels.amx_linear(x, packed, bias, n, False)
+    assert y.shape == (2, 35, n) and y.dtype == torch.bfloat16
+    ref = (x.float() @ w.float().T + bias).bfloat16()
+    torch.testing.assert_close(y, ref, atol=1e-3, rtol=8e-3)
+    assert torch.equal(cpu_kernels.amx_linear(x, packed, bias, n, True), torch.relu(y))
+    no_bias = cpu_kernels.amx_linear(x, packed, None, n, False)
+    torch.testing.assert_close(no_bias, (x.float() @ w.float().T).bfloat16(), atol=1e-3, rtol=8e-3)
+
+
+@amx
+def test_amx_linear_gives_a_row_the_same_bits_in_any_batch():
+    # a speculative verification runs batch x (k+1) rows where a decode step runs batch rows
+    torch.manual_seed(0)
+    w, x = torch.randn(2304, 768).bfloat16(), torch.randn(300, 768).bfloat16()
+    packed = cpu_kernels.amx_pack(w)
+    full = cpu_kernels.amx_linear(x, packed, None, 2304, False)
+    for rows in (slice(0, 1), slice(0, 5), slice(0, 40), slice(0, 257), slice(100, 140), slice(299, 300)):
+        assert torch.equal(cpu_kernels.amx_linear(x[rows], packed, None, 2304, False), full[rows]), rows
+
+
+def test_amx_is_left_out_of_the_avx2_build():
+    # GENMILL_CPU_KERNELS=avx2 must give the AVX2 kernels only, on any CPU
+    env = {**os.environ, "GENMILL_CPU_KERNELS": "avx2"}
+    code = "from workers.llm import cpu_kernels as k; print(k.built_for(), k.amx_available())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["avx2", "False"]

@@ -14,7 +14,7 @@ import workers.llm.generate as generate_module
 from workers.llm.engine import Completion, GenRequest, LLMEngine
 from workers.llm.generate import batch_bucket, prefill_groups
 from workers.llm.loader import load_checkpoint
-from workers.llm.model import PackedLinear, can_pack_linears, pack_linears
+from workers.llm.model import PackedLinear, can_pack_linears, pack_linears, widens_bf16
 from workers.llm.sampling import SamplingParams
 from workers.llm.tiny import build_tiny_checkpoint
 
@@ -110,6 +110,28 @@ def test_bfloat16_agrees_with_float32_on_most_greedy_tokens(folders):
         bf16.close()
     same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     assert same >= 0.75 * sum(len(r) for r in a), (a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("k", "n"), [(2048, 64), (768, 2304)])
+def test_packed_linear_gives_a_row_the_same_bits_in_any_batch(dtype, k, n):
+    # a speculative verification (batch x (k+1) rows) must score a token exactly as the decode
+    # step (batch rows) it stands for; oneDNN's fp32 one-row path and its bf16 kernels from 33 rows
+    # on round differently on some CPUs, which PackedLinear works around (see its docstring)
+    if not can_pack_linears(torch.nn.Linear(k, n).to(dtype)):
+        pytest.skip("oneDNN packing is not available here")
+    from workers.llm import cpu_kernels
+
+    if dtype == torch.bfloat16 and not (cpu_kernels.amx_available() or widens_bf16()):
+        pytest.skip("bf16 runs oneDNN's own kernels here, which promise nothing across row counts")
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.nn.Linear(k, n).to(dtype), batch_hint=8)
+    x = torch.randn(45, k).to(dtype)
+    with torch.inference_mode():
+        full = packed(x)
+        for m in (1, 2, 8, 40):
+            assert torch.equal(packed(x[:m]), full[:m]), m
+        assert torch.equal(packed(x[0]), full[0])  # a single row as a 1-D input
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

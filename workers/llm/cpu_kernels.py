@@ -1,5 +1,5 @@
 """Fused CPU kernels for the LLM engine: decode step, prompt attention, (residual add +) RMSNorm,
-SwiGLU gate, greedy argmax.
+SwiGLU gate, greedy argmax, and a bf16 linear on Intel AMX tiles.
 
 Why: on the CPU, a batch-64 decode step spends as long outside the matmuls as in them. torch runs
 RoPE, the KV-cache write (`index_put_`, ~170 us a call), the attention and RMSNorm as a dozen small
@@ -39,7 +39,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-HEADERS = (Path(__file__).parent / "csrc" / "vec16.h",)
+HEADERS = (Path(__file__).parent / "csrc" / "vec16.h", Path(__file__).parent / "csrc" / "amx_linear.h")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # -ffp-contract=off: a * b + c stays two roundings where torch rounds twice (RoPE, residuals)
@@ -100,6 +100,8 @@ _SIGNATURES = {
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_isa": [],
+    "genmill_amx_available": [],
+    "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
 }
 
 
@@ -345,3 +347,52 @@ def argmax(logits: Tensor) -> Tensor:
 @argmax.op.register_fake
 def _(logits) -> Tensor:
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+# ---- bf16 linear on AMX tiles ----
+
+AMX_BLOCK = 32  # output columns per packed block, and K values per tile step
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether `amx_linear` runs here: an AMX CPU (built with -march=native) whose OS grants the
+    process the tile registers. GENMILL_CPU_KERNELS=avx2 or off leaves it out."""
+    lib = _library()
+    return lib is not None and bool(lib.genmill_amx_available())
+
+
+def amx_pack(weight: Tensor) -> Tensor:
+    """`[N, K]` bf16 -> the flat layout `amx_linear` streams (see csrc/amx_linear.h): N and K
+    zero-padded to multiples of 32, blocks of 32 output columns, each a run of 32-wide K steps of
+    two VNNI B tiles."""
+    n, k = weight.shape
+    np_, kp = -(-n // AMX_BLOCK) * AMX_BLOCK, -(-k // AMX_BLOCK) * AMX_BLOCK
+    w = torch.nn.functional.pad(weight.to(torch.bfloat16), (0, kp - k, 0, np_ - n))
+    # row nb*32 + t*16 + c, column ks*32 + 2*p + e  ->  [nb][ks][t][p][c][e]
+    w = w.view(np_ // 32, 2, 16, kp // 32, 16, 2).permute(0, 3, 1, 4, 2, 5)
+    return w.contiguous().view(-1)
+
+
+@_kernel_op("amx_linear")
+def amx_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int, relu: bool) -> Tensor:
+    """`x @ W.T + bias` (then ReLU if `relu`) for bf16 `x` `[..., K]`, W packed by `amx_pack`,
+    bias float32 or None: fp32 accumulation in a fixed order per output, one rounding to bf16."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
+    if x2.shape[0] > 0:
+        status = _library().genmill_amx_linear(
+            x2.data_ptr(), x2.stride(0), packed.data_ptr(), _ptr(bias), out.data_ptr(),
+            x2.shape[0], out_features, k, int(relu),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"amx_linear failed (status {status}): AMX tiles unavailable or out of memory")
+    return out.view(*x.shape[:-1], out_features)
+
+
+@amx_linear.op.register_fake
+def _(x, packed, bias, out_features, relu) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)

@@ -581,6 +581,7 @@ class Transformer(nn.Module):
 
 # activations oneDNN applies inside the linear (a post-op) instead of in a pass of their own
 _ONEDNN_POST_OPS = {F.relu: "relu", F.silu: "swish", F.gelu: "gelu"}
+_POST_OP_FUNCTIONS = {name: fn for fn, name in _ONEDNN_POST_OPS.items()}
 
 
 @torch.library.custom_op("genmill::packed_linear", mutates_args=())
@@ -606,6 +607,12 @@ class PackedLinear(nn.Module):
     its bf16 bytes), and each call widens its input and rounds its output back to bf16. A bf16
     value widens exactly and a product of two is exact in fp32, so the result is what a bf16 GEMM
     with fp32 accumulation (oneDNN's, on CPUs that have one) gives, up to the order of the sums.
+
+    bf16 on an AMX CPU: `cpu_kernels.amx_linear` instead, on a weight packed into its tile layout
+    (a flat bf16 tensor, rows and columns padded to multiples of 32). Each output sums K in one
+    fixed order, so a row's result does not depend on how many rows share the call; oneDNN's bf16
+    kernels change blocking with the row count there, and a speculative verification (batch x
+    (k+1) rows) could round a token differently from the decode step (batch rows) it stands for.
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
@@ -613,19 +620,37 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
         self.widened = weight.dtype == torch.bfloat16 and widens_bf16()
+        # bf16 on an AMX CPU: GenMill's own tile kernel (cpu_kernels.amx_linear), whose rows come
+        # out the same whatever the row count; oneDNN's change from 33 rows on there
+        self.amx = weight.dtype == torch.bfloat16 and not self.widened and cpu_kernels.amx_available()
         if self.widened:
             weight, bias = weight.float(), None if bias is None else bias.float()
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        if self.amx:
+            packed = cpu_kernels.amx_pack(weight)
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # the AMX kernel adds the bias in fp32, as oneDNN does
+        amx_bias = bias.float() if self.amx and bias is not None else None
+        self.register_buffer("amx_bias", amx_bias, persistent=False)
 
     def forward(self, x: Tensor, activation: str = "none") -> Tensor:
         """`activation`: "none" or a oneDNN post-op ("relu", "swish", "gelu") applied to the output."""
+        if self.amx:
+            y = cpu_kernels.amx_linear(x, self.weight, self.amx_bias, self.out_features, activation == "relu")
+            return y if activation in ("none", "relu") else _POST_OP_FUNCTIONS[activation](y)
         if self.widened:
             return self._linear(x.float(), activation).to(x.dtype)
         return self._linear(x, activation)
 
     def _linear(self, x: Tensor, activation: str) -> Tensor:
+        if x.dtype == torch.float32 and x.numel() == self.in_features:
+            # oneDNN's fp32 one-row path sums in another order than its many-row kernels (seen for
+            # K >= 2048), so a row would round differently alone than within a batch, e.g. a decode
+            # step vs a speculative verification. Two rows take the batch kernels at the same cost.
+            two = x.reshape(1, -1).expand(2, -1).contiguous()
+            return self._linear(two, activation)[:1].view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling():
             # an opaque op to inductor: its own oneDNN lowering wants weights it packed itself
             return _packed_linear(x, self.weight, self.bias, activation)

@@ -10,6 +10,7 @@
 //   genmill_rms_norm      (residual add +) RMSNorm, transformers' rounding order
 //   genmill_silu_mul      SwiGLU's gate
 //   genmill_argmax        greedy pick
+//   genmill_amx_linear    bf16 linear on AMX tiles, a row's result independent of the row count
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "vec16.h"
+#include "amx_linear.h"
 
 // the value x takes when stored in T: identity for fp32, bf16 rounding for bf16
 static inline V16 round_to(V16 x, const float*) { return x; }
@@ -518,3 +520,21 @@ extern "C" int genmill_rms_norm(int is_bf16, const void* x, const void* res, con
 
 // the vector width this build runs (512: AVX-512, 256: AVX2), for the Python side to report
 extern "C" int genmill_isa() { return GENMILL_ISA; }
+
+// 1 when built with the AMX linear and the OS grants this process the tile registers
+extern "C" int genmill_amx_available() {
+#ifdef GENMILL_AMX
+  return amx::permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+extern "C" int genmill_amx_linear(const void* x, int64_t sx, const void* wp, const float* bias, void* y, int64_t M,
+                                  int64_t N, int64_t K, int relu) {
+#ifdef GENMILL_AMX
+  return amx::linear((const bf16*)x, sx, (const bf16*)wp, bias, (bf16*)y, M, N, K, relu != 0);
+#else
+  return 1;
+#endif
+}

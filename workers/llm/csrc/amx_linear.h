@@ -1,0 +1,143 @@
+// bf16 linear on Intel AMX tiles (y = x W^T + b, fp32 accumulation, one rounding to bf16 at the end).
+//
+// Why not oneDNN's: its bf16 kernels pick their blocking by row count, and on AMX CPUs a row's
+// result changes with it (measured: from 33 rows on, for 2304 x 768 and the LM head). Speculative
+// verification runs batch x (k+1) rows where a decode step runs batch rows, so a near-tie between
+// the two top logits could flip. Here every output element is summed over K in the same order
+// (32 values per tile step, steps in order) whatever the number of rows, so a row comes out the
+// same in any batch. Decode also gains: at 64 rows oneDNN streams the weights at about half the
+// memory bandwidth.
+//
+// Weight layout (packed once, by amx_pack_weight): N padded to 32, K to 32; blocks of 32 output
+// columns, each a run of K/32 steps, each step two B tiles (16 columns each) in the VNNI pairs
+// layout AMX reads: wp[nb][ks][t][kp][n][e] = W[nb*32 + t*16 + n][ks*32 + 2*kp + e]. A thread
+// streams its share of column blocks front to back.
+
+#pragma once
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define GENMILL_AMX 1
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+namespace amx {
+
+constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+constexpr int MC = 256;  // rows per chunk: a chunk's x (MC x K bf16) stays in L2 across column blocks
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out the AMX register state only on request (once per process)
+static bool permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return ok;
+}
+
+// tiles 0-3: C (2 x 2 blocks of 16 x 16 fp32), 4-5: A (16 rows x 32 K), 6-7: B (16 K pairs x 16 cols)
+static void configure() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// bias, ReLU, round to bf16 and store the valid part of a 32 x 32 fp32 block; `stream`: full
+// 64-byte rows go out as non-temporal stores (a large output would otherwise be read in first and
+// evict the weights and inputs from the caches)
+static inline void store_block(const float* c, const float* bias, bool relu, bf16* out, int64_t ldo, int rows,
+                               int cols, bool stream) {
+  if (stream && cols == 32 && ldo % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0) {
+    const __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
+    for (int m = 0; m < rows; ++m) {
+      __m512 lo = _mm512_add_ps(_mm512_load_ps(c + m * 32), b0);
+      __m512 hi = _mm512_add_ps(_mm512_load_ps(c + m * 32 + 16), b1);
+      if (relu) lo = _mm512_max_ps(lo, _mm512_setzero_ps()), hi = _mm512_max_ps(hi, _mm512_setzero_ps());
+      _mm512_stream_si512((__m512i*)(out + m * ldo), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return;
+  }
+  for (int h = 0; h < 2 && 16 * h < cols; ++h) {
+    const int n = std::min(16, cols - 16 * h);
+    const __mmask16 mask = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * h) : _mm512_setzero_ps();
+    for (int m = 0; m < rows; ++m) {
+      __m512 v = _mm512_add_ps(_mm512_load_ps(c + m * 32 + 16 * h), b);
+      if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+      _mm256_mask_storeu_epi16(out + m * ldo + 16 * h, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+// y[M, N] = x[M, K] (row stride sx) W^T + bias, W packed as above; bias fp32 or null
+static int linear(const bf16* x, int64_t sx, const bf16* wp, const float* bias, bf16* y, int64_t M, int64_t N,
+                  int64_t K, bool relu) {
+  if (!permitted()) return 1;
+  const int64_t Kp = (K + 31) / 32 * 32, KS = Kp / 32, NB = (N + 31) / 32;
+  const int64_t rows = std::min<int64_t>(M, MC), Mp = (rows + 31) / 32 * 32;
+  const bool stream = M * N * int64_t(sizeof(bf16)) > (int64_t(8) << 20);  // > 8 MiB of output
+  // the chunk's rows, zero-padded to whole tiles (32 rows, K to Kp)
+  bf16* xa = (bf16*)std::aligned_alloc(64, Mp * Kp * sizeof(bf16));
+  if (xa == nullptr) return 2;
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t mc = std::min<int64_t>(MC, M - m0), mp = (mc + 31) / 32 * 32;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < mp; ++m) {
+        bf16* dst = xa + m * Kp;
+        if (m < mc) {
+          std::memcpy(dst, x + (m0 + m) * sx, K * sizeof(bf16));
+          std::memset(dst + K, 0, (Kp - K) * sizeof(bf16));
+        } else {
+          std::memset(dst, 0, Kp * sizeof(bf16));
+        }
+      }
+      // (implicit barrier: the chunk's rows are in place)
+      configure();
+      alignas(64) float c[32 * 32];
+#pragma omp for schedule(static)
+      for (int64_t nb = 0; nb < NB; ++nb) {
+        const bf16* wb = wp + nb * KS * 1024;
+        for (int64_t mb = 0; mb < mp; mb += 32) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t ks = 0; ks < KS; ++ks) {
+            _tile_loadd(4, xa + mb * Kp + ks * 32, Kp * 2);
+            _tile_loadd(5, xa + (mb + 16) * Kp + ks * 32, Kp * 2);
+            _tile_loadd(6, wb + ks * 1024, 64);
+            _tile_loadd(7, wb + ks * 1024 + 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, c, 128);
+          _tile_stored(1, c + 16, 128);
+          _tile_stored(2, c + 16 * 32, 128);
+          _tile_stored(3, c + 16 * 32 + 16, 128);
+          store_block(c, bias ? bias + nb * 32 : nullptr, relu, y + (m0 + mb) * N + nb * 32, N,
+                      int(std::min<int64_t>(32, mc - mb)), int(std::min<int64_t>(32, N - nb * 32)), stream);
+        }
+      }
+      _tile_release();
+    }
+  }
+  if (stream) _mm_sfence();  // the non-temporal stores are visible before the caller reads y
+  std::free(xa);
+  return 0;
+}
+
+}  // namespace amx
+
+#endif
