@@ -214,6 +214,8 @@ def test_amx_linear_is_the_bf16_linear_rounded_once(n, k):
     assert torch.equal(cpu_kernels.amx_linear(x, packed, bias, n, True), torch.relu(y))
     no_bias = cpu_kernels.amx_linear(x, packed, None, n, False)
     torch.testing.assert_close(no_bias, (x.float() @ w.float().T).bfloat16(), atol=1e-3, rtol=8e-3)
+    with pytest.raises(TypeError, match="bf16"):
+        cpu_kernels.amx_linear(x.float(), packed, bias, n, False)
 
 
 @amx

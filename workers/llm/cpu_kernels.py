@@ -378,6 +378,8 @@ def amx_pack(weight: Tensor) -> Tensor:
 def amx_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int, relu: bool) -> Tensor:
     """`x @ W.T + bias` (then ReLU if `relu`) for bf16 `x` `[..., K]`, W packed by `amx_pack`,
     bias float32 or None: fp32 accumulation in a fixed order per output, one rounding to bf16."""
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16:
+        raise TypeError(f"amx_linear takes bf16 inputs and weights, got {x.dtype} and {packed.dtype}")
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
