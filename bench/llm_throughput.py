@@ -117,6 +117,14 @@ def _gflops(fn: Any, flop: float) -> float:
     return flop / _best_seconds(fn) / 1e9
 
 
+def _packed_linear(weight: torch.Tensor, batch_hint: int) -> PackedLinear:
+    """The engine's packed linear (no bias) over `weight` `[N, K]`."""
+    with torch.device("meta"):
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return PackedLinear(linear, batch_hint)
+
+
 def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
     """GFLOP/s per (dtype, shape, method); methods: torch's F.linear and the engine's `PackedLinear`
     (oneDNN with a packed weight; for bf16, the AMX kernel on an AMX CPU, fp32 on a widened weight on
@@ -126,15 +134,11 @@ def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
     for dtype in dtypes:
         for label, (m, k, n) in shapes.items():
             x = torch.randn(m, k, dtype=DTYPES[dtype])
-            with torch.device("meta"):
-                linear = torch.nn.Linear(k, n, bias=False)
-            linear.weight = torch.nn.Parameter(torch.randn(n, k, dtype=DTYPES[dtype]), requires_grad=False)
-            packed = PackedLinear(linear, m)
+            weight = torch.randn(n, k, dtype=DTYPES[dtype])
+            packed = _packed_linear(weight, m)
             flop = 2.0 * m * k * n
             with torch.inference_mode():
-                out[dtype, label, "torch F.linear"] = _gflops(
-                    lambda x=x, w=linear.weight: F.linear(x, w), flop
-                )
+                out[dtype, label, "torch F.linear"] = _gflops(lambda x=x, w=weight: F.linear(x, w), flop)
                 out[dtype, label, "packed"] = _gflops(lambda x=x, p=packed: p(x), flop)
     return out
 
@@ -149,12 +153,7 @@ def streamed_matmul(dtypes: list[str], ring_mib: int = 512, min_s: float = 1.0) 
     for dtype in dtypes:
         x = torch.randn(m, k, dtype=DTYPES[dtype])
         count = max(2, (ring_mib << 20) // (n * k * x.element_size()))
-        ring = []
-        for _ in range(count):
-            with torch.device("meta"):
-                linear = torch.nn.Linear(k, n, bias=False)
-            linear.weight = torch.nn.Parameter(torch.randn(n, k, dtype=DTYPES[dtype]), requires_grad=False)
-            ring.append(PackedLinear(linear, m))
+        ring = [_packed_linear(torch.randn(n, k, dtype=DTYPES[dtype]), m) for _ in range(count)]
 
         def round_trip(x: torch.Tensor = x, ring: list = ring) -> None:
             for packed in ring:
@@ -421,7 +420,7 @@ def report(
             "KV cache far exceed the caches; the table's row reuses one cached weight): "
             + ", ".join(
                 f"{d} {v:.0f} GFLOP/s ({v / gemm[d, '64x768x3072', 'packed']:.0%} of the cached rate, "
-                f"{v * 1e9 / (2 * 64) * DTYPES[d].itemsize / 1e9:.1f} GB/s of weights)"
+                f"{v / (2 * 64) * DTYPES[d].itemsize:.1f} GB/s of weights)"  # 2 x 64 FLOP per weight
                 for d, v in streamed.items()
             )
             + "."
