@@ -321,9 +321,10 @@ def _spec_summary(spec: list[dict[str, Any]]) -> str:
         "everything, the mechanism's ceiling for a draft that costs as much as the target: "
         f"{figures('the target itself (fp)')}. The verification forward runs each token's attention "
         "with a one-token step's arithmetic (the CPU kernels), but its linears see batch x (k+1) rows "
-        "where a step's see batch rows, and oneDNN picks its kernel by row count: linear shapes whose "
-        f"rows round the same either way, measured in this run: {alike}. Where one does not, a rare "
-        "near-tie between the two top logits still flips. A real draft (trained, smaller, "
+        "where a step's see batch rows; oneDNN's kernels can round a row by row count, which the "
+        "engine's packed linears work around where it can (README, batch-invariant results). Linear "
+        f"shapes whose rows round the same either way, measured in this run: {alike}. Where one does "
+        "not, a rare near-tie between the two top logits still flips. A real draft (trained, smaller, "
         "agreeing with the target most of the time) is what speculation needs; these figures "
         "measure the machinery. Greedy speculative output "
         + (
