@@ -5,7 +5,9 @@ Schedule: for each step (a prefill chunk or one decode token), for each layer j,
 k: compute (j, k). One weight load of layer j serves every GPU batch; while layer j computes, a
 background worker loads layer j+1's weights, another loads the KV cache of the next (layer, batch)
 and stores the one just computed (on CUDA the workers copy on their own streams and hand results
-over with events). With `overlap=False` every load runs inline, just before its use.
+over with events). With `overlap=False` every load runs inline, just before its use. When the
+compute device is the CPU a disk "load" maps the file's pages instead of copying them (see
+`offload_store`): on a small machine the copy would take its core from compute.
 
 "Layers" are: the input embedding, each Transformer block (model.py's `TransformerBlock`, run with
 `torch.func.functional_call` on the loaded weights), the final norm, and the LM head in vocabulary
@@ -345,17 +347,14 @@ class _CacheSlot:
         self.store, self.config, self.dtype, self.device = store, config, dtype, device
         self.buffers = buffers or HostBuffers(enabled=False)  # where a disk read's buffers go back
         self.rows, self.heads, self.head_dim = shape
-        # a dense home on the compute device is attended in place: no load, no store
-        self.direct = (
-            config is None
-            and isinstance(store, MemorySeqStore)
-            and same_device(next(iter(store.tensors.values())).device, device)
-        )
+        # a dense home on the compute device, or a mapped disk home, is attended in place: its
+        # loads copy nothing and the step's new entries need no store
+        self.direct = config is None and store.in_place
         self.filled = 0  # positions [0, filled) hold written entries (for some rows)
 
     def load(self, kv_len: int) -> _CacheView:
         """Dense, writable `[B, H, kv_len, D]` k/v: the home's first positions, zeros after them."""
-        n = kv_len if self.direct else min(self.filled, kv_len)
+        n = min(self.filled, kv_len)
         parts = self.store.read(n, kv_len, self.device)
         if self.config is None:
             return _CacheView(parts["k"], parts["v"])
@@ -776,9 +775,10 @@ class OffloadedGenerator:
             )
         self.args = ModelArgs.from_hf_config(config or read_config(self.folder))
         self.offload_dir = Path(offload_dir) if offload_dir is not None else None
-        # disk reads land in reused host buffers when the compute device is the CPU (on CUDA they
-        # are pinned staging memory, which torch's host allocator caches)
-        self.io = DiskIO(HostBuffers(enabled=self.device.type == "cpu"))
+        # on the CPU, disk reads are mappings of the page cache, or land in reused host buffers; on
+        # CUDA they are pinned staging memory, which torch's host allocator caches
+        on_cpu = self.device.type == "cpu"
+        self.io = DiskIO(HostBuffers(enabled=on_cpu), zero_copy=on_cpu)
         self.stats = OffloadStats()
         if policy.w_disk_percent > 0 or policy.cache_disk_percent > 0:
             _return_freed_memory_promptly()  # memory is the point of a disk tier
@@ -1137,7 +1137,10 @@ class OffloadedGenerator:
         if tier == "disk":
             return DiskSeqStore(comps, rows, heads, seq_len, path, self.io, pin=cuda)
         where = self.device if tier == "gpu" else torch.device("cpu")
-        return MemorySeqStore(comps, rows, heads, seq_len, where, tier, pin=tier == "cpu" and cuda)
+        return MemorySeqStore(
+            comps, rows, heads, seq_len, where, tier, pin=tier == "cpu" and cuda,
+            in_place=same_device(where, self.device),
+        )  # fmt: skip
 
     def _record_cache_bytes(self, stores: list[SeqStore], batches: list[_Batch], seq_len: int) -> None:
         s, a = self.stats, self.args

@@ -3,22 +3,31 @@
 Three tiers, FlexLLMGen-style: "gpu" is the compute device (on a CPU-only machine, the CPU itself),
 "cpu" is host memory (pinned when the compute device is CUDA), "disk" is a file read on demand.
 
-Disk reads never mmap: a tensor is `pread` into a host buffer that goes back to a small pool
-(`HostBuffers`) when its reader is done, so the pages count against the process only while the
-executor's working set needs them (a mapped file's touched pages would stay in RSS as long as the
-mapping does). Weights come straight from the checkpoint's safetensors files when they need no
-conversion, otherwise from per-layer safetensors files written once into an offload folder. KV caches on disk are plain files, one per (layer, GPU
-batch), laid out sequence-major so the first `n` positions are one contiguous read.
+When the compute device is the CPU, a disk read is a mapping, not a copy: the tensor's bytes
+are mapped straight from the page cache (`DiskIO.map`), one window per tensor that is unmapped when
+the last view of it dies, so only the windows in use count against the process's RSS. Copying them
+instead (`pread` into a host buffer) costs a core's worth of memory traffic that a 2-core machine
+takes from compute. For a CUDA device a read is a `pread` into pinned staging memory, and on the CPU
+the reads that mapping cannot serve (misaligned tensors, KV-cache parts with a non-zero fill) land
+in host buffers reused through a small pool (`HostBuffers`). Weights come straight from the
+checkpoint's safetensors files when they need no conversion, otherwise from per-layer safetensors
+files written once into an offload folder. KV caches on disk are plain files, one per (layer, GPU
+batch), laid out sequence-major so the first `n` positions are one contiguous read; on the CPU a
+dense one is mapped shared and attended in place, so a step's new entries need no separate write.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
+import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +39,8 @@ from torch import Tensor
 from workers.llm.compression import CompressedTensor, CompressionConfig, compress, decompress
 
 TIERS = ("gpu", "cpu", "disk")
+MADV_POPULATE_READ = 22  # Linux 5.14+: fill a mapping's page tables, read-only, without copy-on-write
+MADV_POPULATE_WRITE = 23  # the same, writable (for a shared mapping: no copy either)
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -122,16 +133,42 @@ class HostBuffers:
             self._lent_bytes = self._peak_lent = 0
 
 
+# mapped reads rely on Linux's madvise populate flags (the numbers mean other things elsewhere)
+MAPPED_READS = sys.platform.startswith("linux")
+if MAPPED_READS:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _populate(window: mmap.mmap, start: int = 0, stop: int | None = None, write: bool = False) -> None:
+    """Fill the page tables of bytes [start, stop) of a mapping, without holding the GIL (which
+    `mmap.madvise` keeps for the whole call while compute threads wait for it). Read-only by
+    default, so no page is copied or dirtied; `write` (a shared mapping's slots about to be written)
+    takes the write faults here, in the loader thread, instead of in compute. Older kernels
+    (before 5.14) get a read-ahead hint instead and fault pages at first touch."""
+    stop = len(window) if stop is None else stop
+    start -= start % mmap.PAGESIZE
+    if stop <= start:
+        return
+    anchor = ctypes.c_char.from_buffer(window)
+    address = ctypes.addressof(anchor) + start
+    del anchor  # a live export would keep the mapping from closing
+    if _libc.madvise(address, stop - start, MADV_POPULATE_WRITE if write else MADV_POPULATE_READ) != 0:
+        _libc.madvise(address, stop - start, mmap.MADV_WILLNEED)
+
+
 class DiskIO:
     """pread/pwrite with one cached descriptor per file and byte counters (shared by all threads),
-    and the host buffers its reads land in."""
+    the host buffers its reads land in, and (`zero_copy`, for a CPU compute device) mapped reads."""
 
-    def __init__(self, buffers: HostBuffers | None = None) -> None:
+    def __init__(self, buffers: HostBuffers | None = None, zero_copy: bool = False) -> None:
         self.buffers = buffers or HostBuffers(enabled=False)
+        self.zero_copy = zero_copy and MAPPED_READS
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self.read_bytes = 0
         self.write_bytes = 0
+        self.mapped_bytes = self.peak_mapped_bytes = 0  # live mappings (they count in RSS)
 
     def _fd(self, path: str, writable: bool = False) -> int:
         key = f"{path}\0{int(writable)}"
@@ -141,6 +178,56 @@ class DiskIO:
                 fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
                 self._fds[key] = fd
             return fd
+
+    def can_map(self, offset: int, dtype: torch.dtype) -> bool:
+        return self.zero_copy and offset % dtype.itemsize == 0
+
+    def map(
+        self,
+        path: str,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        shared: bool = False,
+        write_from: int | None = None,
+    ) -> Tensor:
+        """The file's bytes at `offset` as a CPU tensor of `shape`, without a copy.
+
+        Private by default: writes to the tensor stay in this process and never reach the file.
+        `shared`: writes go to the file's pages (a KV cache attended and extended in place). The
+        page tables are filled up front, read-only, by the calling (loader) thread, so compute
+        takes no page faults for reading and no page is copied; with `write_from` (shared only),
+        the bytes from there on are made writable up front too. The mapping closes when the tensor
+        and every view of it are gone (the tensor's storage holds the only reference)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        window = mmap.mmap(
+            self._fd(path, writable=shared),
+            offset + nbytes - start,
+            flags=mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
+        )
+        head = offset - start
+        if write_from is None:
+            _populate(window)
+        else:
+            _populate(window, 0, head + write_from)
+            _populate(window, head + write_from, write=True)
+        flat = torch.frombuffer(window, dtype=torch.uint8, count=nbytes, offset=head)
+        size = len(window)
+        with self._lock:
+            self.read_bytes += nbytes
+            self.mapped_bytes += size
+            self.peak_mapped_bytes = max(self.peak_mapped_bytes, self.mapped_bytes)
+        weakref.finalize(window, self._unmapped, size)
+        return flat.view(dtype).view(shape)
+
+    def _unmapped(self, size: int) -> None:
+        with self._lock:
+            self.mapped_bytes -= size
 
     def read_into(self, path: str, offset: int, out: Tensor) -> Tensor:
         view = _as_bytes(out)
@@ -260,13 +347,16 @@ class DiskStored:
             return torch.empty(shape, dtype=self.entry.dtype, pin_memory=True)
         return self.io.buffers.take(shape, self.entry.dtype)
 
+    def _read(self, offset: int, shape: tuple[int, ...]) -> Tensor:
+        if not self.pin and self.io.can_map(offset, self.entry.dtype):
+            return self.io.map(self.entry.path, offset, shape, self.entry.dtype)
+        return self.io.read_into(self.entry.path, offset, self._empty(shape))
+
     def all(self, device: torch.device) -> Tensor:
-        out = self.io.read_into(self.entry.path, self.entry.offset, self._empty(self.shape))
-        return out.to(device, non_blocking=True)
+        return self._read(self.entry.offset, self.shape).to(device, non_blocking=True)
 
     def rows(self, start: int, stop: int, device: torch.device) -> Tensor:
-        out = self._empty((stop - start, *self.shape[1:]))
-        self.io.read_into(self.entry.path, self.entry.offset + start * self.entry.row_bytes, out)
+        out = self._read(self.entry.offset + start * self.entry.row_bytes, (stop - start, *self.shape[1:]))
         return out.to(device, non_blocking=True)
 
     def take(self, index: Tensor, device: torch.device) -> Tensor:
@@ -416,10 +506,13 @@ class Component:
 
 
 class SeqStore(Protocol):
-    """A KV cache home for one (layer, GPU batch): components of shape [B, H, S, width]."""
+    """A KV cache home for one (layer, GPU batch): components of shape [B, H, S, width].
+
+    `in_place`: `read` hands out views of the home itself, so writes to them are the store."""
 
     tier: str
     nbytes: int
+    in_place: bool
 
     def read(self, n: int, length: int, device: torch.device) -> dict[str, Tensor]: ...
     def write(self, pos: Tensor, values: dict[str, Tensor]) -> None: ...
@@ -438,8 +531,9 @@ class MemorySeqStore:
         device: torch.device,
         tier: str,
         pin: bool = False,
+        in_place: bool = False,
     ) -> None:
-        self.tier = tier
+        self.tier, self.in_place = tier, in_place
         self.tensors = {
             c.name: torch.full((b, h, s, c.width), c.fill, dtype=c.dtype, device=device, pin_memory=pin)
             for c in comps
@@ -482,6 +576,13 @@ class DiskSeqStore:
             offset += s * self._slot_bytes(c)
         self.nbytes = 0  # nothing resident
         self.disk_bytes = offset
+        # mapped on the CPU: attention reads the file's pages and writes new entries into them, so
+        # a read copies nothing and a step stores nothing (slots never written read as zeros)
+        self.in_place = (
+            not pin
+            and all(c.fill == 0 for c in comps)
+            and all(io.can_map(self.offsets[c.name], c.dtype) for c in comps)
+        )
         with open(self.path, "wb") as f:
             f.truncate(offset)  # sparse zeros
         for c in comps:
@@ -495,18 +596,26 @@ class DiskSeqStore:
 
     def read(self, n: int, length: int, device: torch.device) -> dict[str, Tensor]:
         """Positions [0, n) in one read into a `[length, B, H, width]` host buffer (the rest gets the
-        fill value), handed out as a `[B, H, length, width]` view: attention takes it without a copy."""
+        fill value), handed out as a `[B, H, length, width]` view: attention takes it without a copy.
+
+        `in_place`: positions [0, length) mapped from the file, writable through to it (positions
+        from n on, the ones a step writes, made writable up front)."""
         out = {}
         for c in self.comps:
             shape = (length, self.b, self.h, c.width)
-            buf = (
-                torch.empty(shape, dtype=c.dtype, pin_memory=True)
-                if self.pin
-                else self.io.buffers.take(shape, c.dtype)
-            )
-            if n:
-                self.io.read_into(self.path, self.offsets[c.name], buf[:n])
-            buf[n:].fill_(c.fill)
+            offset = self.offsets[c.name]
+            if self.in_place:
+                write_from = n * self._slot_bytes(c)
+                buf = self.io.map(self.path, offset, shape, c.dtype, shared=True, write_from=write_from)
+            else:
+                buf = (
+                    torch.empty(shape, dtype=c.dtype, pin_memory=True)
+                    if self.pin
+                    else self.io.buffers.take(shape, c.dtype)
+                )
+                if n:
+                    self.io.read_into(self.path, offset, buf[:n])
+                buf[n:].fill_(c.fill)
             out[c.name] = buf.to(device, non_blocking=True).permute(1, 2, 0, 3)
         return out
 
