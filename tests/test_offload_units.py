@@ -125,7 +125,7 @@ def test_disk_weights_are_read_on_demand_and_unmapped_after_use(tiny_opt, tmp_pa
         # every step reads every layer again (the head too, from the tied embedding); the position
         # table is only gathered at the rows a step uses
         streamed = gen.stats.weight_bytes_disk - gen.homes["pos_embeddings.weight"].nbytes
-        assert 3 * streamed <= gen.io.read_bytes
+        assert 3 * streamed <= gen.io.read_bytes < 3 * gen.stats.weight_bytes_disk
         if MAPPED_READS:
             # on the CPU a read is a mapping of the file: only the windows in use are mapped (and
             # count in RSS), never the whole model, and none is left once the run is done
