@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.llm import offload_store
+from workers.llm import cpu_kernels, offload, offload_store
 from workers.llm.compression import CompressionConfig
 from workers.llm.offload import OffloadedGenerator, Policy, midpoint_tiers
 from workers.llm.offload_store import (
@@ -147,7 +147,7 @@ def test_mapped_reads_see_the_file_and_only_shared_writes_reach_it(tmp_path):
     private = io.map(str(path), 4100, (30, 100), torch.float32)
     assert torch.equal(private.flatten(), data)
     private[0, 0] = -1.0  # stays in this process
-    shared = io.map(str(path), 4100, (3000,), torch.float32, shared=True, write_from=400 * 4)
+    shared = io.map(str(path), 4100, (3000,), torch.float32, shared=True)
     assert shared[0] == 0.0 and shared[2000] == 2000.0
     shared[2000] = -5.0  # reaches the file
     on_disk = torch.frombuffer(bytearray(path.read_bytes()[4100:]), dtype=torch.float32)
@@ -159,26 +159,43 @@ def test_mapped_reads_see_the_file_and_only_shared_writes_reach_it(tmp_path):
     io.close()
 
 
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
+PARAMS = [SamplingParams(max_tokens=n, temperature=0) for n in (6, 4, 7, 5)]
+ON_DISK = {"w_gpu_percent": 0, "w_cpu_percent": 0, "cache_gpu_percent": 0, "cache_cpu_percent": 0}
+
+
+def _offload_tokens(folder: Path, policy: Policy, tmp_path: Path, kernels: bool = True) -> tuple[list, int]:
+    gen = OffloadedGenerator(folder, policy, offload_dir=tmp_path)
+    gen.kernels = gen.kernels and kernels
+    try:
+        outs, _ = gen.generate(PROMPTS, PARAMS, frozenset(), lambda t: "")
+        return [o.token_ids for o in outs], gen.io.peak_mapped_bytes
+    finally:
+        gen.close()
+
+
 def test_copied_and_mapped_disk_reads_give_the_same_tokens(tiny_opt, tmp_path, monkeypatch):
-    policy = Policy(
-        w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
-        gpu_batch_size=2, num_gpu_batches=2,
-    )  # fmt: skip
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
-    params = [SamplingParams(max_tokens=n, temperature=0) for n in (6, 4, 7, 5)]
-
-    def tokens() -> tuple[list[list[int]], int]:
-        gen = OffloadedGenerator(tiny_opt, policy, offload_dir=tmp_path)
-        try:
-            outs, _ = gen.generate(prompts, params, frozenset(), lambda t: "")
-            return [o.token_ids for o in outs], gen.io.peak_mapped_bytes
-        finally:
-            gen.close()
-
-    mapped, peak = tokens()
+    policy = Policy(**ON_DISK, gpu_batch_size=2, num_gpu_batches=2)
+    mapped, peak = _offload_tokens(tiny_opt, policy, tmp_path)
     monkeypatch.setattr(offload_store, "MAPPED_READS", False)
-    copied, none = tokens()
+    copied, none = _offload_tokens(tiny_opt, policy, tmp_path)
     assert copied == mapped and none == 0 and (peak > 0) == MAPPED_READS
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels do not build here")
+@pytest.mark.parametrize("placement", ["memory", "disk"])
+def test_decode_attention_runs_in_the_cpu_kernel_on_caches_attended_in_place(
+    tiny_opt, tmp_path, monkeypatch, placement
+):
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, **(ON_DISK if placement == "disk" else {}))
+    calls = []
+    kernel = offload._kernel_attend
+    monkeypatch.setattr(offload, "_kernel_attend", lambda *a: calls.append(1) or kernel(*a))
+    with_kernel, _ = _offload_tokens(tiny_opt, policy, tmp_path)
+    assert calls or (placement == "disk" and not MAPPED_READS)  # a copied cache is not in place
+    calls.clear()
+    without, _ = _offload_tokens(tiny_opt, policy, tmp_path, kernels=False)
+    assert not calls and without == with_kernel
 
 
 def _seq_stores(tmp_path: Path, comps, b=3, h=2, s=10, zero_copy=False):
@@ -203,12 +220,14 @@ def test_disk_cache_store_matches_memory_store(tmp_path, zero_copy):
         new = {c.name: torch.randn(3, 2, 1, 8) for c in comps}
         for store in (mem, disk):
             store.write(pos, new)
+    before = io.read_bytes
     got, want = disk.read(9, 10, torch.device("cpu")), mem.read(10, 10, torch.device("cpu"))
     for name in ("k", "v"):
         assert got[name].shape == (3, 2, 10, 8)
         assert torch.equal(got[name][:, :, :9], want[name][:, :, :9])
         assert not got[name][:, :, 9].any()  # past n: the fill value
-    assert disk.nbytes == 0 and io.read_bytes == 2 * (10 if disk.in_place else 9) * 3 * 2 * 8 * 4
+    # a read copies positions [0, 9); a mapped (in-place) home is handed out whole
+    assert disk.nbytes == 0 and io.read_bytes - before == 2 * (10 if disk.in_place else 9) * 3 * 2 * 8 * 4
     if disk.in_place:  # a write into the view is the store: the next read sees it
         got["k"][1, 0, 9] = 3.0
         assert (disk.read(10, 10, torch.device("cpu"))["k"][1, 0, 9] == 3.0).all()

@@ -309,7 +309,7 @@ class Attention(nn.Module):
             q = q * q_scale
         kv_len = mask.shape[-1] if mask is not None else kv_len
         if hasattr(self.kv_cache, "attend"):
-            # row groups with caches of their own (the offloaded executor's merged GPU batches)
+            # a cache that attends by itself (the offloaded executor's caches, per GPU batch)
             y = self.kv_cache.attend(input_pos, q, k, v, scale)
             return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         k, v = self.kv_cache.update(input_pos, k, v, kv_len, cache_rows)

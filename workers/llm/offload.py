@@ -50,11 +50,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from workers.engine import EngineRun, ItemError, Metric, ProgressFn
+from workers.llm import cpu_kernels
 from workers.llm.compression import CompressionConfig
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.generate import DEFAULT_PREFILL_CHUNK_TOKENS, GenerationStats, RowOutput
 from workers.llm.loader import eos_token_ids, hf_to_ours, read_config, resolve_dtype, safetensors_files
 from workers.llm.model import (
+    _NO_ROPE,
+    FEW_QUERIES,
     OPT_POSITION_OFFSET,
     ModelArgs,
     RMSNorm,
@@ -313,11 +316,15 @@ def _tensors(obj: Any) -> Iterator[Tensor]:
 
 
 class _CacheView:
-    """What `Attention.forward` sees as its `kv_cache` for one compute: dense `[B, H, kv_len, D]`
-    buffers (views of the home when it is dense on the compute device), plus the new entries."""
+    """What `Attention.forward` sees as its `kv_cache` for one compute of one GPU batch: dense
+    `[B, H, S, D]` k/v buffers whose first `kv_len` positions are the cache (the home itself when
+    it is attended in place; S may then be longer), the batch's mask, and after the step the new
+    entries (for the store)."""
 
     def __init__(self, k: Tensor, v: Tensor) -> None:
         self.k, self.v = k, v
+        self.mask: Tensor | None = None  # [B, 1, T, kv_len], set before compute
+        self.kernel = False  # decode steps may run in cpu_kernels.decode_step (set before compute)
         self.new: tuple[Tensor, Tensor, Tensor] | None = None
 
     def update(
@@ -330,6 +337,41 @@ class _CacheView:
         self.v[index] = v.transpose(1, 2)
         self.new = (input_pos, k, v)
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+    def attend(self, input_pos: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """q `[B, H, T, D]`, k/v `[B, H_kv, T, D]` (rotated, q scaled): write k/v at `input_pos`
+        and attend; returns the attention output like q."""
+        assert self.mask is not None, "the executor sets the batch's mask before compute"
+        t, kv_len = q.shape[2], self.mask.shape[-1]
+        if t <= FEW_QUERIES and self.kernel and self.k.is_contiguous() and self.v.is_contiguous():
+            # the main engine's decode kernel: cache write and attention in one pass, no mask
+            self.new = (input_pos, k, v)
+            return _kernel_attend(q, k, v, self.k, self.v, input_pos, scale)
+        kk, vv = self.update(input_pos, k, v, kv_len)
+        if t <= FEW_QUERIES:
+            return _attend_few(q, kk, vv, self.mask, scale)
+        return F.scaled_dot_product_attention(
+            q, kk, vv, attn_mask=self.mask, scale=scale, enable_gqa=q.shape[1] != kk.shape[1]
+        )
+
+
+def _kernel_attend(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float
+) -> Tensor:
+    """`cpu_kernels.decode_step` over a GPU batch's contiguous `[B, H_kv, S, D]` cache: each of the
+    B x T tokens is an item (RoPE and q's scale are already applied, so the kernel applies none)."""
+    b, h, t, d = q.shape
+    h_kv = k.shape[1]
+
+    def items(x: Tensor, heads: int) -> Tensor:
+        return x.transpose(1, 2).reshape(b * t, heads * d)
+
+    rows = torch.arange(b, device=q.device).repeat_interleave(t)
+    y = cpu_kernels.decode_step(
+        items(q, h), items(k, h_kv), items(v, h_kv), k_cache, v_cache, rows, input_pos.reshape(-1),
+        _NO_ROPE, _NO_ROPE, 1.0, scale,
+    )  # fmt: skip
+    return y.view(b, t, h, d).transpose(1, 2)
 
 
 class _CacheSlot:
@@ -353,7 +395,8 @@ class _CacheSlot:
         self.filled = 0  # positions [0, filled) hold written entries (for some rows)
 
     def load(self, kv_len: int) -> _CacheView:
-        """Dense, writable `[B, H, kv_len, D]` k/v: the home's first positions, zeros after them."""
+        """Dense, writable `[B, H, >= kv_len, D]` k/v: the home's first positions, zeros after them
+        (the whole home when it is attended in place)."""
         n = min(self.filled, kv_len)
         parts = self.store.read(n, kv_len, self.device)
         if self.config is None:
@@ -401,8 +444,7 @@ class _GroupAttention:
             rows = slice(start, start + len(b.rows))
             start = rows.stop
             view = self.next_view(self.layer, b)
-            kk, vv = view.update(input_pos[rows], k[rows], v[rows], b.kv_len)
-            out.append(_attend_few(q[rows], kk, vv, b.mask, scale))
+            out.append(view.attend(input_pos[rows], q[rows], k[rows], v[rows], scale))
             self.store(self.layer, b, view)
         return torch.cat(out)
 
@@ -784,6 +826,14 @@ class OffloadedGenerator:
             _return_freed_memory_promptly()  # memory is the point of a disk tier
         self.homes = self._place_weights()
         self.layers = self._build_layers()
+        # decode-step attention in the main engine's CPU kernel, where the cache is attended in place
+        self.kernels = (
+            self.device.type == "cpu"
+            and self.dtype in (torch.float32, torch.bfloat16)
+            and not self.args.sliding_window
+            and self.args.head_dim in cpu_kernels.HEAD_DIMS
+            and cpu_kernels.available()
+        )
         self.weight_worker = _Worker("weights", policy.overlap, self.device)
         self.cache_worker = _Worker("cache", policy.overlap, self.device)
         self._closed = False
@@ -958,6 +1008,7 @@ class OffloadedGenerator:
             view = loads.pop(u).result()
             load_cache(u + 1)
             u += 1
+            view.mask, view.kernel = b.mask, self.kernels
             return view
 
         def store(layer: _Layer, b: _Batch, view: _CacheView) -> None:

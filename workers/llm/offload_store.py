@@ -13,7 +13,8 @@ in host buffers reused through a small pool (`HostBuffers`). Weights come straig
 checkpoint's safetensors files when they need no conversion, otherwise from per-layer safetensors
 files written once into an offload folder. KV caches on disk are plain files, one per (layer, GPU
 batch), laid out sequence-major so the first `n` positions are one contiguous read; on the CPU a
-dense one is mapped shared and attended in place, so a step's new entries need no separate write.
+dense one is laid out like a cache in memory instead, mapped shared and attended in place, so a
+step's new entries need no separate write.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from workers.llm.compression import CompressedTensor, CompressionConfig, compres
 
 TIERS = ("gpu", "cpu", "disk")
 MADV_POPULATE_READ = 22  # Linux 5.14+: fill a mapping's page tables, read-only, without copy-on-write
-MADV_POPULATE_WRITE = 23  # the same, writable (for a shared mapping: no copy either)
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -140,21 +140,15 @@ if MAPPED_READS:
     _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
-def _populate(window: mmap.mmap, start: int = 0, stop: int | None = None, write: bool = False) -> None:
-    """Fill the page tables of bytes [start, stop) of a mapping, without holding the GIL (which
-    `mmap.madvise` keeps for the whole call while compute threads wait for it). Read-only by
-    default, so no page is copied or dirtied; `write` (a shared mapping's slots about to be written)
-    takes the write faults here, in the loader thread, instead of in compute. Older kernels
-    (before 5.14) get a read-ahead hint instead and fault pages at first touch."""
-    stop = len(window) if stop is None else stop
-    start -= start % mmap.PAGESIZE
-    if stop <= start:
-        return
+def _populate(window: mmap.mmap) -> None:
+    """Fill a mapping's page tables, read-only (no page is copied or dirtied), without holding the
+    GIL, which `mmap.madvise` keeps for the whole call while compute threads wait for it. Older
+    kernels (before 5.14) get a read-ahead hint instead and fault pages at first touch."""
     anchor = ctypes.c_char.from_buffer(window)
-    address = ctypes.addressof(anchor) + start
+    address = ctypes.addressof(anchor)
     del anchor  # a live export would keep the mapping from closing
-    if _libc.madvise(address, stop - start, MADV_POPULATE_WRITE if write else MADV_POPULATE_READ) != 0:
-        _libc.madvise(address, stop - start, mmap.MADV_WILLNEED)
+    if _libc.madvise(address, len(window), MADV_POPULATE_READ) != 0:
+        _libc.madvise(address, len(window), mmap.MADV_WILLNEED)
 
 
 class DiskIO:
@@ -189,15 +183,13 @@ class DiskIO:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         shared: bool = False,
-        write_from: int | None = None,
     ) -> Tensor:
         """The file's bytes at `offset` as a CPU tensor of `shape`, without a copy.
 
         Private by default: writes to the tensor stay in this process and never reach the file.
         `shared`: writes go to the file's pages (a KV cache attended and extended in place). The
         page tables are filled up front, read-only, by the calling (loader) thread, so compute
-        takes no page faults for reading and no page is copied; with `write_from` (shared only),
-        the bytes from there on are made writable up front too. The mapping closes when the tensor
+        takes no page faults for reading and no page is copied. The mapping closes when the tensor
         and every view of it are gone (the tensor's storage holds the only reference)."""
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:
@@ -211,11 +203,7 @@ class DiskIO:
             offset=start,
         )
         head = offset - start
-        if write_from is None:
-            _populate(window)
-        else:
-            _populate(window, 0, head + write_from)
-            _populate(window, head + write_from, write=True)
+        _populate(window)
         flat = torch.frombuffer(window, dtype=torch.uint8, count=nbytes, offset=head)
         size = len(window)
         with self._lock:
@@ -543,7 +531,10 @@ class MemorySeqStore:
     def read(self, n: int, length: int, device: torch.device) -> dict[str, Tensor]:
         """`[B, H, length, width]` per component (slots never written hold their fill value).
 
-        A view, not a copy, when the home is on `device`: writes through it land in the home."""
+        A view, not a copy, when the home is on `device`: writes through it land in the home.
+        `in_place`: the whole home `[B, H, S, width]`, contiguous (what the decode kernel takes)."""
+        if self.in_place:
+            return {k: t.to(device, non_blocking=True) for k, t in self.tensors.items()}
         return {k: t[:, :, :length].to(device, non_blocking=True) for k, t in self.tensors.items()}
 
     def write(self, pos: Tensor, values: dict[str, Tensor]) -> None:
@@ -560,7 +551,11 @@ class MemorySeqStore:
 
 class DiskSeqStore:
     """Components in one file, each region laid out `[S, B, H, width]`: a prefix of positions is one
-    contiguous read, a prefill chunk one contiguous write, a decode step one small write per row."""
+    contiguous read, a prefill chunk one contiguous write, a decode step one small write per row.
+
+    `in_place` (a dense cache, mapped reads): each region is laid out `[B, H, S, width]` instead and
+    handed out whole as a shared mapping, the layout of a cache in memory: attention (the decode
+    kernel included) reads it and writes a step's new entries into it, so no store follows."""
 
     tier = "disk"
 
@@ -594,33 +589,38 @@ class DiskSeqStore:
     def _slot_bytes(self, c: Component) -> int:
         return self.b * self.h * c.width * torch.empty((), dtype=c.dtype).element_size()
 
+    def _home(self, c: Component) -> Tensor:
+        """An in-place component's whole region, mapped shared: `[B, H, S, width]`."""
+        shape = (self.b, self.h, self.s, c.width)
+        return self.io.map(self.path, self.offsets[c.name], shape, c.dtype, shared=True)
+
     def read(self, n: int, length: int, device: torch.device) -> dict[str, Tensor]:
         """Positions [0, n) in one read into a `[length, B, H, width]` host buffer (the rest gets the
         fill value), handed out as a `[B, H, length, width]` view: attention takes it without a copy.
-
-        `in_place`: positions [0, length) mapped from the file, writable through to it (positions
-        from n on, the ones a step writes, made writable up front)."""
+        `in_place`: the whole mapped region (positions never written read as zeros)."""
+        if self.in_place:
+            return {c.name: self._home(c).to(device, non_blocking=True) for c in self.comps}
         out = {}
         for c in self.comps:
             shape = (length, self.b, self.h, c.width)
-            offset = self.offsets[c.name]
-            if self.in_place:
-                write_from = n * self._slot_bytes(c)
-                buf = self.io.map(self.path, offset, shape, c.dtype, shared=True, write_from=write_from)
-            else:
-                buf = (
-                    torch.empty(shape, dtype=c.dtype, pin_memory=True)
-                    if self.pin
-                    else self.io.buffers.take(shape, c.dtype)
-                )
-                if n:
-                    self.io.read_into(self.path, offset, buf[:n])
-                buf[n:].fill_(c.fill)
+            buf = (
+                torch.empty(shape, dtype=c.dtype, pin_memory=True)
+                if self.pin
+                else self.io.buffers.take(shape, c.dtype)
+            )
+            if n:
+                self.io.read_into(self.path, self.offsets[c.name], buf[:n])
+            buf[n:].fill_(c.fill)
             out[c.name] = buf.to(device, non_blocking=True).permute(1, 2, 0, 3)
         return out
 
     def write(self, pos: Tensor, values: dict[str, Tensor]) -> None:
         pos = pos.cpu()
+        if self.in_place:  # what MemorySeqStore.write does, on the mapped region
+            for c in self.comps:
+                home, v = self._home(c), values[c.name].cpu()
+                home[torch.arange(v.shape[0])[:, None], :, pos] = v.transpose(1, 2)
+            return
         t = pos.shape[1]
         start = int(pos[0, 0])
         uniform = bool((pos == torch.arange(start, start + t)).all())
