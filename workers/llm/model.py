@@ -723,18 +723,24 @@ def _replace_linears(module: nn.Module, build: Callable[[nn.Linear], nn.Module])
     return swapped
 
 
+def cpu_kernels_apply(device: torch.device, dtype: torch.dtype, args: ModelArgs) -> bool:
+    """Whether workers.llm.cpu_kernels can run this model's layers: CPU, fp32 or bf16, a supported
+    head size, no sliding window (whose mask the kernels do not apply), and a built library."""
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and not args.sliding_window
+        and args.head_dim in cpu_kernels.HEAD_DIMS
+        and cpu_kernels.available()
+    )
+
+
 def enable_cpu_kernels(model: Transformer) -> bool:
     """Run decode steps, prompt attention, RMSNorm and the SwiGLU gate in workers.llm.cpu_kernels
     when they build on this machine: CPU, fp32 or bf16, a supported head size, no sliding window
     (whose mask the kernels do not apply). Returns whether they are on."""
     param = next(model.parameters())
-    on = (
-        param.device.type == "cpu"
-        and param.dtype in (torch.float32, torch.bfloat16)
-        and not model.args.sliding_window
-        and model.args.head_dim in cpu_kernels.HEAD_DIMS
-        and cpu_kernels.available()
-    )
+    on = cpu_kernels_apply(param.device, param.dtype, model.args)
     model.kernels = on
     for layer in model.layers:
         layer.attention.kernels = on

@@ -64,6 +64,7 @@ from workers.llm.model import (
     TransformerBlock,
     _attend_few,
     _rope_inv_freq,
+    cpu_kernels_apply,
     onednn_linear,
     use_onednn_linears,
 )
@@ -827,13 +828,7 @@ class OffloadedGenerator:
         self.homes = self._place_weights()
         self.layers = self._build_layers()
         # decode-step attention in the main engine's CPU kernel, where the cache is attended in place
-        self.kernels = (
-            self.device.type == "cpu"
-            and self.dtype in (torch.float32, torch.bfloat16)
-            and not self.args.sliding_window
-            and self.args.head_dim in cpu_kernels.HEAD_DIMS
-            and cpu_kernels.available()
-        )
+        self.kernels = cpu_kernels_apply(self.device, self.dtype, self.args)
         self.weight_worker = _Worker("weights", policy.overlap, self.device)
         self.cache_worker = _Worker("cache", policy.overlap, self.device)
         self._closed = False
@@ -1188,9 +1183,10 @@ class OffloadedGenerator:
         if tier == "disk":
             return DiskSeqStore(comps, rows, heads, seq_len, path, self.io, pin=cuda)
         where = self.device if tier == "gpu" else torch.device("cpu")
+        dense = all(c.name in ("k", "v") for c in comps)  # not 4-bit parts
         return MemorySeqStore(
             comps, rows, heads, seq_len, where, tier, pin=tier == "cpu" and cuda,
-            in_place=same_device(where, self.device),
+            in_place=dense and same_device(where, self.device),
         )  # fmt: skip
 
     def _record_cache_bytes(self, stores: list[SeqStore], batches: list[_Batch], seq_len: int) -> None:
