@@ -737,8 +737,7 @@ def cpu_kernels_apply(device: torch.device, dtype: torch.dtype, args: ModelArgs)
 
 def enable_cpu_kernels(model: Transformer) -> bool:
     """Run decode steps, prompt attention, RMSNorm and the SwiGLU gate in workers.llm.cpu_kernels
-    when they build on this machine: CPU, fp32 or bf16, a supported head size, no sliding window
-    (whose mask the kernels do not apply). Returns whether they are on."""
+    where they apply (`cpu_kernels_apply`). Returns whether they are on."""
     param = next(model.parameters())
     on = cpu_kernels_apply(param.device, param.dtype, model.args)
     model.kernels = on

@@ -86,6 +86,7 @@ from workers.llm.offload_store import (
     fingerprint,
     read_header,
     same_device,
+    write_positions,
 )
 from workers.llm.quantize import QUANT_SIDECAR
 from workers.llm.sampling import BatchSampler, SamplingParams
@@ -333,9 +334,8 @@ class _CacheView:
     ) -> tuple[Tensor, Tensor]:
         # `rows` (model.py's cache_rows, continuous batching) is never passed by this executor
         assert rows is None, "the offloaded executor keeps batch row == cache row"
-        index = (torch.arange(k.shape[0], device=k.device)[:, None], slice(None), input_pos)
-        self.k[index] = k.transpose(1, 2)  # index_put_: scatter_ is far slower for bf16 on CPU
-        self.v[index] = v.transpose(1, 2)
+        write_positions(self.k, input_pos, k)
+        write_positions(self.v, input_pos, v)
         self.new = (input_pos, k, v)
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
