@@ -235,3 +235,58 @@ def test_amx_is_left_out_of_the_avx2_build():
     code = "from workers.llm import cpu_kernels as k; print(k.built_for(), k.amx_available())"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["avx2", "False"]
+
+
+# ---- fp32 linear on AVX2 + FMA ----
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 3072, 768), (13, 100, 72), (200, 40, 300), (64, 2304, 768)])
+def test_fma_linear_is_the_fp32_linear(m, n, k):
+    # row counts around the 6-row tiles and the 96-row chunks, N off the 16-column panels, K off the
+    # 256-value slices; x with a row stride wider than K (a column slice of a wider tensor)
+    torch.manual_seed(0)
+    w, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
+    x = torch.randn(m, k + 5)[:, 2 : 2 + k]
+    packed = cpu_kernels.fma_pack(w)
+    ref = (x.double() @ w.double().T + bias.double()).float()
+    y = cpu_kernels.fma_linear(x, packed, bias, n, False)
+    assert y.shape == (m, n)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cpu_kernels.fma_linear(x, packed, bias, n, True), torch.relu(y))
+    no_bias = cpu_kernels.fma_linear(x.reshape(1, m, k), packed, None, n, False)
+    torch.testing.assert_close(no_bias, (x.double() @ w.double().T).float().reshape(1, m, n), atol=1e-5, rtol=1e-5)
+
+
+def test_fma_linear_rejects_what_it_cannot_run():
+    w = cpu_kernels.fma_pack(torch.randn(40, 64))
+    with pytest.raises(TypeError, match="fp32"):
+        cpu_kernels.fma_linear(torch.randn(3, 64).bfloat16(), w, None, 40, False)
+    with pytest.raises(ValueError, match="do not fit K=32"):
+        cpu_kernels.fma_linear(torch.randn(3, 32), w, None, 40, False)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_kernels.fma_linear(torch.randn(3, 64), w, torch.randn(40).double(), 40, False)
+
+
+def test_fma_linear_gives_a_row_the_same_bits_in_any_batch():
+    # a speculative verification runs batch x (k+1) rows where a decode step runs batch rows
+    torch.manual_seed(0)
+    w, x = torch.randn(2304, 768), torch.randn(300, 768)
+    packed = cpu_kernels.fma_pack(w)
+    full = cpu_kernels.fma_linear(x, packed, None, 2304, False)
+    for rows in (slice(0, 1), slice(0, 5), slice(0, 40), slice(0, 97), slice(100, 140), slice(299, 300)):
+        assert torch.equal(cpu_kernels.fma_linear(x[rows], packed, None, 2304, False), full[rows]), rows
+
+
+def test_packed_linears_run_the_fma_kernel_where_the_cpu_lacks_avx512():
+    from workers.llm.model import PackedLinear
+
+    flags = cpu_kernels._cpu_flags()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 50)
+    packed = PackedLinear(linear, batch_hint=8)
+    assert packed.fma == ("avx512f" not in flags)
+    x = torch.randn(9, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x, "relu"), torch.relu(linear(x)), atol=1e-5, rtol=1e-5)
+        if packed.fma:
+            assert torch.equal(packed(x), cpu_kernels.fma_linear(x, packed.weight, linear.bias, 50, False))

@@ -1,5 +1,5 @@
 """Fused CPU kernels for the LLM engine: decode step, prompt attention, (residual add +) RMSNorm,
-SwiGLU gate, greedy argmax, and a bf16 linear on Intel AMX tiles.
+SwiGLU gate, greedy argmax, a bf16 linear on Intel AMX tiles and an fp32 linear on AVX2 + FMA.
 
 Why: on the CPU, a batch-64 decode step spends as long outside the matmuls as in them. torch runs
 RoPE, the KV-cache write (`index_put_`, ~170 us a call), the attention and RMSNorm as a dozen small
@@ -39,7 +39,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-HEADERS = (Path(__file__).parent / "csrc" / "vec16.h", Path(__file__).parent / "csrc" / "amx_linear.h")
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("vec16.h", "amx_linear.h", "fma_linear.h"))
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # -ffp-contract=off: a * b + c stays two roundings where torch rounds twice (RoPE, residuals)
@@ -102,6 +102,7 @@ _SIGNATURES = {
     "genmill_isa": [],
     "genmill_amx_available": [],
     "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
+    "genmill_fma_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
 }
 
 
@@ -396,5 +397,55 @@ def amx_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int
 
 
 @amx_linear.op.register_fake
+def _(x, packed, bias, out_features, relu) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# ---- fp32 linear on AVX2 + FMA ----
+
+FMA_PANEL = 16  # output columns per packed panel
+
+
+@functools.cache
+def fma_linear_available() -> bool:
+    """Whether `PackedLinear` runs fp32 through `fma_linear` here: the kernels are built and the
+    CPU has no AVX-512, where oneDNN's fp32 kernels (twice the vector width) are the faster ones.
+    (`fma_linear` itself runs wherever the kernels are built.)"""
+    return available() and "avx512f" not in _cpu_flags()
+
+
+def fma_pack(weight: Tensor) -> Tensor:
+    """`[N, K]` -> fp32 panels of 16 output columns `[ceil(N/16), K, 16]` (N zero-padded), the
+    layout `fma_linear` streams (see csrc/fma_linear.h)."""
+    n, k = weight.shape
+    np_ = -(-n // FMA_PANEL) * FMA_PANEL
+    w = torch.nn.functional.pad(weight.float(), (0, 0, 0, np_ - n))
+    return w.view(np_ // FMA_PANEL, FMA_PANEL, k).transpose(1, 2).contiguous()
+
+
+@_kernel_op("fma_linear")
+def fma_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int, relu: bool) -> Tensor:
+    """`x @ W.T + bias` (then ReLU if `relu`) for fp32 `x` `[..., K]`, W packed by `fma_pack`:
+    each output sums K in order, then the bias, so a row's result does not depend on the row count."""
+    if x.dtype != torch.float32 or packed.dtype != torch.float32:
+        raise TypeError(f"fma_linear takes fp32 inputs and weights, got {x.dtype} and {packed.dtype}")
+    k = x.shape[-1]
+    if packed.dim() != 3 or packed.shape[1] != k or packed.shape[0] * FMA_PANEL < out_features:
+        raise ValueError(f"fma_linear: weight panels {tuple(packed.shape)} do not fit K={k}, N={out_features}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()):
+        raise ValueError(f"fma_linear: bias must be a contiguous fp32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+    if x2.shape[0] > 0:
+        _library().genmill_fma_linear(
+            x2.data_ptr(), x2.stride(0), packed.data_ptr(), _ptr(bias), out.data_ptr(),
+            x2.shape[0], out_features, k, int(relu),
+        )  # fmt: skip
+    return out.view(*x.shape[:-1], out_features)
+
+
+@fma_linear.op.register_fake
 def _(x, packed, bias, out_features, relu) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)

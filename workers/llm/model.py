@@ -613,6 +613,11 @@ class PackedLinear(nn.Module):
     fixed order, so a row's result does not depend on how many rows share the call; oneDNN's bf16
     kernels change blocking with the row count there, and a speculative verification (batch x
     (k+1) rows) could round a token differently from the decode step (batch rows) it stands for.
+
+    fp32 (and widened bf16) on a CPU without AVX-512: `cpu_kernels.fma_linear` instead, on a weight
+    packed into panels of 16 output columns. On such CPUs it runs decode-step shapes ~20% faster
+    than oneDNN's fp32 kernels and prompt-sized ones alike (csrc/fma_linear.h), and it too sums each
+    output in one fixed order, whatever the row count.
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
@@ -623,10 +628,14 @@ class PackedLinear(nn.Module):
         # bf16 on an AMX CPU: GenMill's own tile kernel (cpu_kernels.amx_linear), whose rows come
         # out the same whatever the row count; oneDNN's change from 33 rows on there
         self.amx = weight.dtype == torch.bfloat16 and not self.widened and cpu_kernels.amx_available()
+        # fp32 on a CPU without AVX-512: GenMill's FMA tile kernel (faster than oneDNN's there)
+        self.fma = (weight.dtype == torch.float32 or self.widened) and cpu_kernels.fma_linear_available()
         if self.widened:
             weight, bias = weight.float(), None if bias is None else bias.float()
         if self.amx:
             packed = cpu_kernels.amx_pack(weight)
+        elif self.fma:
+            packed = cpu_kernels.fma_pack(weight)
         else:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.weight = nn.Parameter(packed, requires_grad=False)
@@ -640,6 +649,12 @@ class PackedLinear(nn.Module):
         if self.amx:
             y = cpu_kernels.amx_linear(x, self.weight, self.amx_bias, self.out_features, activation == "relu")
             return y if activation in ("none", "relu") else _POST_OP_FUNCTIONS[activation](y)
+        if self.fma:
+            y = cpu_kernels.fma_linear(
+                x.float(), self.weight, self.bias, self.out_features, activation == "relu"
+            )
+            y = y if activation in ("none", "relu") else _POST_OP_FUNCTIONS[activation](y)
+            return y.to(x.dtype)
         if self.widened:
             return self._linear(x.float(), activation).to(x.dtype)
         return self._linear(x, activation)

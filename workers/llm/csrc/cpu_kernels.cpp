@@ -11,6 +11,7 @@
 //   genmill_silu_mul      SwiGLU's gate
 //   genmill_argmax        greedy pick
 //   genmill_amx_linear    bf16 linear on AMX tiles, a row's result independent of the row count
+//   genmill_fma_linear    fp32 linear on AVX2 + FMA tiles, the same property
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +21,7 @@
 
 #include "vec16.h"
 #include "amx_linear.h"
+#include "fma_linear.h"
 
 // the value x takes when stored in T: identity for fp32, bf16 rounding for bf16
 static inline V16 round_to(V16 x, const float*) { return x; }
@@ -537,4 +539,9 @@ extern "C" int genmill_amx_linear(const void* x, int64_t sx, const void* wp, con
 #else
   return 1;
 #endif
+}
+
+extern "C" int genmill_fma_linear(const float* x, int64_t sx, const float* wp, const float* bias, float* y, int64_t M,
+                                  int64_t N, int64_t K, int relu) {
+  return fmalin::linear(x, sx, wp, bias, y, M, N, K, relu != 0);
 }
