@@ -321,8 +321,8 @@ def _spec_summary(spec: list[dict[str, Any]]) -> str:
         "everything, the mechanism's ceiling for a draft that costs as much as the target: "
         f"{figures('the target itself (fp)')}. The verification forward runs each token's attention "
         "with a one-token step's arithmetic (the CPU kernels), but its linears see batch x (k+1) rows "
-        "where a step's see batch rows; oneDNN's kernels can round a row by row count, which the "
-        "engine's packed linears work around where it can (README, batch-invariant results). Linear "
+        "where a step's see batch rows; some linear kernels round a row by row count, which the "
+        "engine's packed linears avoid where they can (README, batch-invariant results). Linear "
         f"shapes whose rows round the same either way, measured in this run: {alike}. Where one does "
         "not, a rare near-tie between the two top logits still flips. A real draft (trained, smaller, "
         "agreeing with the target most of the time) is what speculation needs; these figures "
@@ -348,7 +348,7 @@ def report(
             "tokens/s end to end (prefill included), timed on process CPU time: with one thread that is "
             "wall time on an idle machine, minus the time slices other jobs take on this shared box. "
             "Weights MB = what one decode step of our model "
-            "reads (the tied LM head has its own oneDNN-packed copy, the embedding table is only "
+            "reads (the tied LM head has its own packed copy, the embedding table is only "
             "indexed; int8/int4 keep the LM head in the compute dtype); GB/s = weights x steps/s."
         ),
         "",

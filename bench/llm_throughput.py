@@ -18,8 +18,8 @@ engine's packed linear, fp32 and bf16, at a decode-like 64 x 768 x 3072 and a pr
 rate of the run for that dtype (that table's, or a prefill's if one ran faster). The memory read bandwidth is measured too, and each row reports a
 roofline ratio: transformers' time over the least time this machine needs for the matmuls (at the
 best GEMM rate) plus the decode steps' KV-cache reads (at the read bandwidth), so that figures from
-machines with different matmul units compare. Writes the "LLM batch throughput" section of
-bench/RESULTS.md.
+machines with different matmul units compare. Writes the "LLM batch throughput, <unit> CPU"
+section of bench/RESULTS.md (one per matmul unit: AMX, AVX-512 bf16, AVX-512, AVX2).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import write_section
-from workers.llm.cpu_kernels import amx_available
+from bench.results import matmul_unit, write_section
+from workers.llm.cpu_kernels import amx_available, fma_linear_available
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.model import PackedLinear, widens_bf16
 from workers.llm.sampling import SamplingParams
 
-TITLE = "LLM batch throughput"
+TITLE = "LLM batch throughput"  # one section per matmul unit (see section_title)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = {"eager": False, "decode": "decode", "all": "all"}
 PROMPT_LENGTHS = (110, 128)
@@ -127,8 +127,8 @@ def _packed_linear(weight: torch.Tensor, batch_hint: int) -> PackedLinear:
 
 def matmul_table(dtypes: list[str]) -> dict[tuple[str, str, str], float]:
     """GFLOP/s per (dtype, shape, method); methods: torch's F.linear and the engine's `PackedLinear`
-    (oneDNN with a packed weight; for bf16, the AMX kernel on an AMX CPU, fp32 on a widened weight on
-    a CPU without bf16 instructions)."""
+    (oneDNN with a packed weight, or GenMill's FMA kernel in fp32 on a CPU without AVX-512; for bf16,
+    the AMX kernel on an AMX CPU, fp32 on a widened weight on a CPU without bf16 instructions)."""
     shapes = {"64x768x3072": (64, 768, 3072), "7680x768x3072": (7680, 768, 3072)}
     out: dict[tuple[str, str, str], float] = {}
     for dtype in dtypes:
@@ -308,6 +308,13 @@ def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: t
     )
 
 
+def section_title() -> str:
+    """E.g. "LLM batch throughput, AVX2 CPU": the targets are ratios to transformers on the same CPU,
+    and CPUs with different matmul units reach very different ones, so each keeps its own figures."""
+    unit = matmul_unit()
+    return TITLE if unit is None else f"{TITLE}, {unit} CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["opt", "llama"], choices=["opt", "llama"])
@@ -362,7 +369,7 @@ def main() -> None:
     body = report(args, gemm, streamed, bandwidth, baselines, results, (load_before, os.getloadavg()[0]))
     print(body)
     if not args.no_write:
-        write_section(TITLE, body)
+        write_section(section_title(), body)
 
 
 def report(
@@ -397,7 +404,9 @@ def report(
         "",
         (
             "**Machine matmul throughput** (GFLOP/s, measured in this run; best of repeated calls; the "
-            "engine's packed linear is oneDNN with a packed weight; in bf16, GenMill's AMX tile kernel "
+            "engine's packed linear is oneDNN with a packed weight, or in fp32 on a CPU without AVX-512 "
+            f"GenMill's AVX2 FMA tile kernel{' (the case here)' if fma_linear_available() else ''}; "
+            "in bf16, GenMill's AMX tile kernel "
             f"on a CPU with AMX{' (the case here)' if amx_available() else ''}, and fp32 on a weight "
             "widened once on a CPU without bf16 instructions"
             f"{' (the case here)' if widens_bf16() else ''}):"

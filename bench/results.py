@@ -21,9 +21,22 @@ def write_section(title: str, body: str, script: str | None = None) -> None:
     RESULTS.write_text(text)
 
 
-def _cpu() -> str:
-    """E.g. "AMD EPYC (family 25, model 17; AVX-512 bf16), 2 cores": matmul and memory throughput
-    differ between CPU generations far more than between runs, so figures name their CPU."""
+def matmul_unit() -> str | None:
+    """The CPU's strongest matmul unit ("AMX", "AVX-512 bf16", "AVX-512", "AVX2"), None if unknown:
+    throughput figures from CPUs of different units belong in sections of their own."""
+    flags = set(_cpu_info().get("flags", "").split())
+    for name, flag in (
+        ("AMX", "amx_tile"),
+        ("AVX-512 bf16", "avx512_bf16"),
+        ("AVX-512", "avx512f"),
+        ("AVX2", "avx2"),
+    ):
+        if flag in flags:
+            return name
+    return None
+
+
+def _cpu_info() -> dict[str, str]:
     info: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -32,18 +45,17 @@ def _cpu() -> str:
             if not line.strip():
                 break  # the first processor's block is enough
             info.setdefault(key.strip(), value.strip())
-    flags = set(info.get("flags", "").split())
+    return info
+
+
+def _cpu() -> str:
+    """E.g. "AMD EPYC (family 25, model 17; AVX-512 bf16), 2 cores": matmul and memory throughput
+    differ between CPU generations far more than between runs, so figures name their CPU."""
+    info = _cpu_info()
     if "model name" not in info:
         return f"{os.cpu_count()} cores"
     detail = f"family {info.get('cpu family', '?')}, model {info.get('model', '?')}"
-    # the strongest matmul unit
-    for name, flag in (
-        ("AMX", "amx_tile"),
-        ("AVX-512 bf16", "avx512_bf16"),
-        ("AVX-512", "avx512f"),
-        ("AVX2", "avx2"),
-    ):
-        if flag in flags:
-            detail += f"; {name}"
-            break
+    unit = matmul_unit()
+    if unit is not None:
+        detail += f"; {unit}"
     return f"{info['model name']} ({detail}), {os.cpu_count()} cores"
