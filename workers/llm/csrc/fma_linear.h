@@ -4,7 +4,8 @@
 // Why not oneDNN's: on an AVX2-only CPU (measured on a 2-core Zen 3) its fp32 kernels reach ~70%
 // of the FMA peak at the shapes of a decode step (64 x 768 x 3072: ~130 GFLOP/s of ~185) and lose
 // another 10-20% when the weights stream from memory, as they do in a decode step; this tile
-// reaches ~160 cached and ~140 streamed there, and matches oneDNN on prompt-sized row counts.
+// reaches ~160 cached and ~140 streamed there. On prompt-sized row counts (500-700) it is from
+// even with oneDNN to ~7% slower, depending on the shape.
 // It also sums every output over K in one order (k = 0, 1, ..., K-1, then the bias) whatever the
 // number of rows, so a row comes out the same in any batch (a speculative verification runs batch
 // x (k+1) rows where a decode step runs batch rows), where oneDNN's one-row path sums differently.
