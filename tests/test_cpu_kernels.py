@@ -240,10 +240,13 @@ def test_amx_is_left_out_of_the_avx2_build():
 # ---- fp32 linear on AVX2 + FMA ----
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 3072, 768), (13, 100, 72), (200, 40, 300), (64, 2304, 768)])
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(1, 3072, 768), (13, 100, 72), (200, 40, 300), (64, 2304, 768), (1400, 1536, 64)]
+)
 def test_fma_linear_is_the_fp32_linear(m, n, k):
     # row counts around the 6-row tiles and the 96-row chunks, N off the 16-column panels, K off the
-    # 256-value slices; x with a row stride wider than K (a column slice of a wider tensor)
+    # 256-value slices, an output over 8 MiB (stored non-temporally); x with a row stride wider
+    # than K (a column slice of a wider tensor)
     torch.manual_seed(0)
     w, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
     x = torch.randn(m, k + 5)[:, 2 : 2 + k]

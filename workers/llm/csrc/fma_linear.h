@@ -125,8 +125,8 @@ static int linear(const float* x, int64_t sx, const float* wp, const float* bias
                    std::min<int64_t>(NR, N - nb * NR), stream);
       }
     }
+    if (stream) _mm_sfence();  // each thread's non-temporal stores are visible before y is read
   }
-  if (stream) _mm_sfence();  // the non-temporal stores are visible before the caller reads y
   return 0;
 }
 
