@@ -16,7 +16,8 @@ transformers needs no padding) with greedy decoding and EOS ignored:
 
 Targets: (a) disk peak RSS <= 35% of the fp32 weight bytes + overhead, disk throughput >= 50% of
 memory; (b) weight bytes <= 30% of fp16, logits relative error and greedy agreement reported;
-(c) KV cache bytes <= 30% of fp16. Writes the "LLM offloaded decoding" section of bench/RESULTS.md.
+(c) KV cache bytes <= 30% of fp16. Writes the "LLM offloaded decoding, <unit> CPU"
+section of bench/RESULTS.md (one per matmul unit, as the ratios depend on the CPU).
 """
 
 from __future__ import annotations
@@ -392,9 +393,9 @@ def main() -> None:
             child = "offload" if name in ("memory", "disk", "disk-sync") else name
             runs[name] = spawn(args, child, folder, [*extra, "--offload-dir", str(Path(tmp) / "offload")])
     body = report(args, params, runs)
-    from bench.results import write_section
+    from bench.results import per_cpu, write_section
 
-    write_section(TITLE, body)
+    write_section(per_cpu(TITLE), body)
     print(body)
 
 

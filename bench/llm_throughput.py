@@ -40,13 +40,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import matmul_unit, write_section
+from bench.results import per_cpu, write_section
 from workers.llm.cpu_kernels import amx_available, fma_linear_available
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.model import PackedLinear, widens_bf16
 from workers.llm.sampling import SamplingParams
 
-TITLE = "LLM batch throughput"  # one section per matmul unit (see section_title)
+TITLE = "LLM batch throughput"  # one section per matmul unit (see bench.results.per_cpu)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = {"eager": False, "decode": "decode", "all": "all"}
 PROMPT_LENGTHS = (110, 128)
@@ -308,13 +308,6 @@ def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: t
     )
 
 
-def section_title() -> str:
-    """E.g. "LLM batch throughput, AVX2 CPU": the targets are ratios to transformers on the same CPU,
-    and CPUs with different matmul units reach very different ones, so each keeps its own figures."""
-    unit = matmul_unit()
-    return TITLE if unit is None else f"{TITLE}, {unit} CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["opt", "llama"], choices=["opt", "llama"])
@@ -369,7 +362,7 @@ def main() -> None:
     body = report(args, gemm, streamed, bandwidth, baselines, results, (load_before, os.getloadavg()[0]))
     print(body)
     if not args.no_write:
-        write_section(section_title(), body)
+        write_section(per_cpu(TITLE), body)
 
 
 def report(

@@ -21,6 +21,13 @@ def write_section(title: str, body: str, script: str | None = None) -> None:
     RESULTS.write_text(text)
 
 
+def per_cpu(title: str) -> str:
+    """E.g. "LLM batch throughput, AVX2 CPU": for figures whose ratios depend on the CPU's matmul
+    unit, so that a run on one kind of CPU leaves another kind's section in place."""
+    unit = matmul_unit()
+    return title if unit is None else f"{title}, {unit} CPU"
+
+
 def matmul_unit() -> str | None:
     """The CPU's strongest matmul unit ("AMX", "AVX-512 bf16", "AVX-512", "AVX2"), None if unknown:
     throughput figures from CPUs of different units belong in sections of their own."""
