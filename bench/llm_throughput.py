@@ -11,6 +11,9 @@ EOS ignored on both sides (ours `ignore_eos`, transformers `min_new_tokens`), so
 exactly the same number of tokens. transformers runs the whole batch at once, left-padded; ours gets
 the same ids as `prompt_ids` with max_batch_size = --requests. Figures are end to end (prefill +
 decode), model load and compilation excluded (a warm-up call compiles); best of --repeats runs.
+Both sides run under the malloc settings the engine applies on the CPU (workers/llm/malloc.py,
+set once before the first run), so the baseline gets the same allocator, not one that
+page-faults its big activations while ours reuses them.
 
 The machine's matmul throughput is measured in the same run (torch's default `F.linear` and the
 engine's packed linear, fp32 and bf16, at a decode-like 64 x 768 x 3072 and a prefill-like
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import per_cpu, write_section
+from workers.llm import malloc
 from workers.llm.cpu_kernels import amx_available, fma_linear_available
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.model import PackedLinear, widens_bf16
@@ -327,6 +331,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.malloc = malloc.reuse_freed_memory()  # both sides, from the first run on (see the docstring)
     load_before = os.getloadavg()[0]
 
     print("matmul throughput ...", flush=True)
@@ -392,7 +397,12 @@ def report(
             "End to end (prefill + decode); model load and compilation excluded. Random weights: token "
             "agreement with transformers is a sanity check (bf16 near-ties flip easily), not an accuracy "
             f"figure. Load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f} (a shared machine "
-            "moves both sides by 10-30% between runs)."
+            "moves both sides by 10-30% between runs). malloc: "
+            + (
+                "blocks up to 256 MiB reused from the heap on both sides (workers/llm/malloc.py)."
+                if args.malloc == "reuse"
+                else f"{args.malloc} on both sides."
+            )
         ),
         "",
         (

@@ -29,7 +29,6 @@ Registry (engine options of an LLM model; `OffloadedLLMEngine.load` takes them):
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
@@ -50,7 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from workers.engine import EngineRun, ItemError, Metric, ProgressFn
-from workers.llm import cpu_kernels
+from workers.llm import cpu_kernels, malloc
 from workers.llm.compression import CompressionConfig
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.generate import DEFAULT_PREFILL_CHUNK_TOKENS, GenerationStats, RowOutput
@@ -697,19 +696,6 @@ def _norm_module(args: ModelArgs) -> nn.Module:
     return RMSNorm(args.dim, args.norm_eps)
 
 
-def _return_freed_memory_promptly() -> None:
-    """Fix glibc's mmap threshold at 128 KiB. By default it rises to the largest block freed so far
-    (up to 32 MiB), after which layer-sized buffers come from the heap and freed ones stay in RSS;
-    a streaming loop that allocates and frees a layer per step then grows RSS by several layers."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
-
-
 class _WeightPlacer:
     """Puts each checkpoint tensor into its tier (as the compute dtype, or 4-bit compressed)."""
 
@@ -824,7 +810,7 @@ class OffloadedGenerator:
         self.io = DiskIO(HostBuffers(enabled=on_cpu), zero_copy=on_cpu)
         self.stats = OffloadStats()
         if policy.w_disk_percent > 0 or policy.cache_disk_percent > 0:
-            _return_freed_memory_promptly()  # memory is the point of a disk tier
+            malloc.return_freed_memory_promptly()  # memory is the point of a disk tier
         self.homes = self._place_weights()
         self.layers = self._build_layers()
         # decode-step attention in the main engine's CPU kernel, where the cache is attended in place
