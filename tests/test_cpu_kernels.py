@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,6 +139,38 @@ def test_rms_norm_rounds_like_transformers(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_is_torchs_after_the_residual_add(dtype, affine):
+    torch.manual_seed(3)
+    # 100 columns: whole vectors and a masked tail; an offset mean, as residual streams have
+    x, res = torch.randn(7, 100, dtype=dtype) + 3, torch.randn(7, 100, dtype=dtype)
+    w, b = (torch.randn(100, dtype=dtype), torch.randn(100, dtype=dtype)) if affine else (None, None)
+    summed, normed = cpu_kernels.add_layer_norm(x, res, w, b, 1e-5)
+    assert torch.equal(summed, x + res)  # the sum rounded to the model dtype, as torch's add
+    # fp32 inside either way; bf16 outputs may differ by one rounding step where torch's fused
+    # multiply-adds land on the other side of a tie
+    tol = {"atol": 2e-6, "rtol": 2e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+    torch.testing.assert_close(normed, F.layer_norm(x + res, (100,), w, b, 1e-5), **tol)
+    torch.testing.assert_close(cpu_kernels.layer_norm(x, w, b, 1e-5), F.layer_norm(x, (100,), w, b, 1e-5), **tol)
+
+
+def test_opt_layer_norms_run_the_kernel_once_enabled(tmp_path):
+    from workers.llm.model import LayerNorm, ModelArgs, Transformer, enable_cpu_kernels
+
+    args = ModelArgs.from_hf_config(
+        {"model_type": "opt", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+         "ffn_dim": 128, "vocab_size": 50, "max_position_embeddings": 64, "word_embed_proj_dim": 64}
+    )  # fmt: skip
+    model = Transformer(args).eval()
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm)]
+    assert len(norms) == 2 * 2 + 1 and not any(n.kernel for n in norms)
+    x = torch.randn(3, 64)
+    eager = norms[0](x)
+    assert enable_cpu_kernels(model) and all(n.kernel for n in norms)
+    torch.testing.assert_close(norms[0](x), eager, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_is_swiglus_gate(dtype):
     h = torch.randn(5, 2 * 40, dtype=dtype) * 3
     gate, up = h.chunk(2, dim=-1)
@@ -161,7 +194,8 @@ def test_the_library_is_built_for_the_instruction_set_chosen_here():
 
 
 def _has_avx512() -> bool:
-    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = next(line for line in lines if line.startswith("flags")).split()
     return {"avx512f", "avx512bw", "avx512vl"} <= set(flags)
 
 

@@ -1,5 +1,6 @@
-"""Fused CPU kernels for the LLM engine: decode step, prompt attention, (residual add +) RMSNorm,
-SwiGLU gate, greedy argmax, a bf16 linear on Intel AMX tiles and an fp32 linear on AVX2 + FMA.
+"""Fused CPU kernels for the LLM engine: decode step, prompt attention, (residual add +) RMSNorm
+and LayerNorm, SwiGLU gate, greedy argmax, a bf16 linear on Intel AMX tiles and an fp32 linear on
+AVX2 + FMA.
 
 Why: on the CPU, a batch-64 decode step spends as long outside the matmuls as in them. torch runs
 RoPE, the KV-cache write (`index_put_`, ~170 us a call), the attention and RMSNorm as a dozen small
@@ -97,6 +98,7 @@ _SIGNATURES = {
     + [_I64] * 6
     + [_F32, _F32],
     "genmill_rms_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
+    "genmill_layer_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_isa": [],
@@ -307,6 +309,46 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
 
 @add_rms_norm.op.register_fake
 def _(x, residual, weight, eps) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---- LayerNorm ----
+
+
+def _layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float):
+    # contiguous copies held in locals: they must outlive the call that reads them
+    x, residual, weight, bias = (None if t is None else t.contiguous() for t in (x, residual, weight, bias))
+    s = None if residual is None else torch.empty_like(x)
+    y = torch.empty_like(x)
+    n, c = x.numel() // x.shape[-1], x.shape[-1]
+    _library().genmill_layer_norm(
+        _DTYPES[x.dtype], x.data_ptr(), _ptr(residual), _ptr(weight), _ptr(bias), _ptr(s), y.data_ptr(), n, c, eps
+    )  # fmt: skip
+    return s, y
+
+
+@_kernel_op("layer_norm")
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """torch's LayerNorm over the last dim in one pass (fp32 inside, one rounding); weight and bias
+    in x's dtype, or None."""
+    return _layer_norm(x, None, weight, bias, eps)[1]
+
+
+@layer_norm.op.register_fake
+def _(x, weight, bias, eps) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_kernel_op("add_layer_norm")
+def add_layer_norm(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(s, layer_norm(s)) with s = x + residual (rounded to x's dtype, as torch's add)."""
+    return _layer_norm(x, residual, weight, bias, eps)
+
+
+@add_layer_norm.op.register_fake
+def _(x, residual, weight, bias, eps) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

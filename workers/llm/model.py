@@ -162,6 +162,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """OPT's norm; `kernel`: one pass in workers.llm.cpu_kernels (see enable_cpu_kernels)."""
+
+    def __init__(self, dim: int, elementwise_affine: bool = True) -> None:
+        super().__init__(dim, elementwise_affine=elementwise_affine)
+        self.kernel = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel:
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class KVCache(nn.Module):
     def __init__(self, batch: int, n_kv_heads: int, max_seq: int, head_dim: int, dtype, device) -> None:
         super().__init__()
@@ -385,7 +398,7 @@ class FeedForward(nn.Module):
 
 def _norm(args: ModelArgs) -> nn.Module:
     if args.arch == "opt":
-        return nn.LayerNorm(args.dim, elementwise_affine=args.norm_affine)
+        return LayerNorm(args.dim, elementwise_affine=args.norm_affine)
     return RMSNorm(args.dim, args.norm_eps)
 
 
@@ -425,6 +438,8 @@ class TransformerBlock(nn.Module):
         norm = self.ffn_norm
         if isinstance(norm, RMSNorm) and norm.kernel:
             return cpu_kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+        if isinstance(norm, LayerNorm) and norm.kernel:
+            return cpu_kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
         h = x + delta
         return h, norm(h)
 
@@ -751,8 +766,8 @@ def cpu_kernels_apply(device: torch.device, dtype: torch.dtype, args: ModelArgs)
 
 
 def enable_cpu_kernels(model: Transformer) -> bool:
-    """Run decode steps, prompt attention, RMSNorm and the SwiGLU gate in workers.llm.cpu_kernels
-    where they apply (`cpu_kernels_apply`). Returns whether they are on."""
+    """Run decode steps, prompt attention, RMSNorm, LayerNorm and the SwiGLU gate in
+    workers.llm.cpu_kernels where they apply (`cpu_kernels_apply`). Returns whether they are on."""
     param = next(model.parameters())
     on = cpu_kernels_apply(param.device, param.dtype, model.args)
     model.kernels = on
@@ -760,7 +775,7 @@ def enable_cpu_kernels(model: Transformer) -> bool:
         layer.attention.kernels = on
         layer.feed_forward.kernel = on and model.args.hidden_act in ("silu", "swish")
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        if isinstance(module, (RMSNorm, LayerNorm)):
             module.kernel = on
     return on
 

@@ -8,6 +8,7 @@
 //   genmill_decode_step   new tokens (one or a few per row): RoPE, KV-cache write, attention
 //   genmill_prefill_step  a prompt chunk (every row at the same positions): the same, causal
 //   genmill_rms_norm      (residual add +) RMSNorm, transformers' rounding order
+//   genmill_layer_norm    (residual add +) LayerNorm, torch's
 //   genmill_silu_mul      SwiGLU's gate
 //   genmill_argmax        greedy pick
 //   genmill_amx_linear    bf16 linear on AMX tiles, a row's result independent of the row count
@@ -388,6 +389,48 @@ static void rms_norm(const T* x, const T* res, const T* w, T* sum_out, T* y, int
 }
 
 // ---------------------------------------------------------------------------------------------
+// LayerNorm (OPT), optionally after a residual add: s = x + res (stored), y = T(((s - mean) * rstd)
+// * w + b), fp32 inside as torch computes it (mean and biased variance of the row, eps inside the
+// root; w and b may be null: no affine part)
+
+template <typename T>
+static void layer_norm(const T* x, const T* res, const T* w, const T* bias, T* sum_out, T* y, int64_t N,
+                       int64_t C, float eps) {
+#pragma omp parallel for schedule(static) if (N * C >= 32768)
+  for (int64_t i = 0; i < N; ++i) {
+    const T* xr = x + i * C;
+    T* sr = sum_out != nullptr ? sum_out + i * C : nullptr;
+    V16 sum = v_zero();
+    for (int64_t c = 0; c < C; c += 16) {
+      const Mask m = first(int(std::min<int64_t>(16, C - c)));
+      V16 a = load16(xr + c, m);
+      if (res != nullptr) {
+        a = round_to(v_add(a, load16(res + i * C + c, m)), (const T*)nullptr);
+        store16(sr + c, a, m);
+      }
+      sum = v_add(sum, a);
+    }
+    const T* src = res != nullptr ? sr : xr;
+    const float mean = v_reduce_add(sum) / float(C);
+    const V16 vmean = v_set1(mean);
+    V16 sq = v_zero();
+    for (int64_t c = 0; c < C; c += 16) {
+      const Mask m = first(int(std::min<int64_t>(16, C - c)));
+      const V16 d = v_zero_unless(v_sub(load16(src + c, m), vmean), m);
+      sq = v_fmadd(d, d, sq);
+    }
+    const V16 rstd = v_set1(1.0f / std::sqrt(v_reduce_add(sq) / float(C) + eps));
+    for (int64_t c = 0; c < C; c += 16) {
+      const Mask m = first(int(std::min<int64_t>(16, C - c)));
+      V16 a = v_mul(v_sub(load16(src + c, m), vmean), rstd);
+      if (w != nullptr) a = v_mul(a, load16(w + c, m));
+      if (bias != nullptr) a = v_add(a, load16(bias + c, m));
+      store16(y + i * C + c, a, m);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // SwiGLU's gate: y = T(silu(a)) * b for h = [a | b] (rows of 2I values), torch's two roundings
 
 template <typename T>
@@ -517,6 +560,17 @@ extern "C" int genmill_rms_norm(int is_bf16, const void* x, const void* res, con
     rms_norm<bf16>((const bf16*)x, (const bf16*)res, (const bf16*)w, (bf16*)sum_out, (bf16*)y, N, C, eps);
   else
     rms_norm<float>((const float*)x, (const float*)res, (const float*)w, (float*)sum_out, (float*)y, N, C, eps);
+  return 0;
+}
+
+extern "C" int genmill_layer_norm(int is_bf16, const void* x, const void* res, const void* w, const void* b,
+                                  void* sum_out, void* y, int64_t N, int64_t C, float eps) {
+  if (is_bf16)
+    layer_norm<bf16>((const bf16*)x, (const bf16*)res, (const bf16*)w, (const bf16*)b, (bf16*)sum_out, (bf16*)y, N,
+                     C, eps);
+  else
+    layer_norm<float>((const float*)x, (const float*)res, (const float*)w, (const float*)b, (float*)sum_out,
+                      (float*)y, N, C, eps);
   return 0;
 }
 
