@@ -94,10 +94,12 @@ def test_decode_step_takes_several_tokens_of_a_row_each_seeing_the_slots_up_to_i
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("h", "h_kv", "d"), SHAPES)
 @pytest.mark.parametrize("start", [0, 29])
-def test_prefill_step_fills_scattered_cache_rows_and_attends_causally(dtype, h, h_kv, d, start):
-    # a later chunk (start > 0) attends over what earlier chunks left in the cache rows
+@pytest.mark.parametrize("t", [13, 37])
+def test_prefill_step_fills_scattered_cache_rows_and_attends_causally(dtype, h, h_kv, d, start, t):
+    # a later chunk (start > 0) attends over what earlier chunks left in the cache rows; 37 tokens
+    # span three blocks of 16 query rows (the AMX path's) and keys past one 32-key step
     torch.manual_seed(1)
-    b, t, s = 3, 13, 64
+    b, s = 3, 80
     rows = torch.tensor([3, 0, 4])
     k_cache, v_cache = torch.randn(b + 2, h_kv, s, d, dtype=dtype), torch.randn(b + 2, h_kv, s, d, dtype=dtype)
     qkv = torch.randn(b, t, (h + 2 * h_kv) * d, dtype=dtype)

@@ -40,7 +40,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("vec16.h", "amx_linear.h", "fma_linear.h"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h"))
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # -ffp-contract=off: a * b + c stays two roundings where torch rounds twice (RoPE, residuals)

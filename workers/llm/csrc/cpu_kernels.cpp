@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "vec16.h"
@@ -49,14 +50,23 @@ static inline V16 exp16(V16 x) {
 template <int D>
 static inline void rope(float* x, const float* cos, const float* sin) {
   constexpr int H = D / 2;
-  alignas(64) float lo[H > 16 ? H : 16], hi[H > 16 ? H : 16];
-  for (int i = 0; i < H; ++i) lo[i] = x[i], hi[i] = x[i + H];
-  for (int i = 0; i < H; ++i) {
-    // products rounded first, then added: the same two roundings as torch's q*cos + rot(q)*sin
-    const float a = lo[i] * cos[i], b = hi[i] * sin[i];
-    const float c = hi[i] * cos[i + H], d = lo[i] * sin[i + H];
-    x[i] = a - b;
-    x[i + H] = c + d;
+  if constexpr (H % 16 == 0) {
+    // 16 pairs at a time (scalar stores followed by the vector loads of the caller would stall)
+    for (int i = 0; i < H; i += 16) {
+      const V16 lo = load16(x + i), hi = load16(x + i + H);
+      // products rounded first, then added: the same two roundings as torch's q*cos + rot(q)*sin
+      store16(x + i, v_sub(v_mul(lo, load16(cos + i)), v_mul(hi, load16(sin + i))));
+      store16(x + i + H, v_add(v_mul(hi, load16(cos + i + H)), v_mul(lo, load16(sin + i + H))));
+    }
+  } else {
+    alignas(64) float lo[16], hi[16];
+    for (int i = 0; i < H; ++i) lo[i] = x[i], hi[i] = x[i + H];
+    for (int i = 0; i < H; ++i) {
+      const float a = lo[i] * cos[i], b = hi[i] * sin[i];
+      const float c = hi[i] * cos[i + H], d = lo[i] * sin[i + H];
+      x[i] = a - b;
+      x[i + H] = c + d;
+    }
   }
 }
 
@@ -242,6 +252,15 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
 // from position 0, long ones in chunks): RoPE, the chunk's k/v into cache row rows[b], and causal
 // attention over cache slots 0..start+Lq-1, per (row, kv head)
 
+#include "amx_attention.h"  // after exp16, which it uses
+
+// into L2, the lines of one head of D values
+constexpr int64_t PREFETCH_TOKENS = 8;
+template <typename T, int D>
+static inline void prefetch_head(const T* p) {
+  for (int64_t c = 0; c < int64_t(D * sizeof(T)); c += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + c, _MM_HINT_T1);
+}
+
 // R query rows at once: the key tile (and value rows) loaded once serve R rows
 template <int D> constexpr int prefill_rows() { return D <= 64 ? 4 : (D == 128 ? 2 : 1); }
 
@@ -255,10 +274,19 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
   const int64_t group = H / Hkv;
   const int64_t Lk = start + Lq;  // query i sits at position start + i and sees keys 0..start+i
   const int64_t Lp = (Lk + 31) / 32 * 32;  // whole 32-key steps (zero-padded keys)
+  // bf16 on AMX: QK^T and PV on the tiles (amx_attention.h); the rest as below
+  bool tiles = false;
+#ifdef GENMILL_AMX
+  if constexpr (std::is_same_v<T, bf16> && D % 32 == 0) tiles = amx::permitted();
+#endif
 #pragma omp parallel
   {
-    std::vector<float> kt(D * Lp), vf(Lk * D), sc(R * Lp);
+    std::vector<float> kt(tiles ? 0 : D * Lp), vf(tiles ? 0 : Lk * D), sc(tiles ? 0 : R * Lp);
     alignas(64) float qf[R][D];
+#ifdef GENMILL_AMX
+    amx_attn::Workspace ws;
+    if (tiles) amx::configure();
+#endif
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t hk = 0; hk < Hkv; ++hk) {
@@ -267,11 +295,33 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
         // the chunk's k (rotated) and v go into the cache; this (row, kv head) owns its block
         alignas(64) float buf[D];
         for (int64_t i = 0; i < Lq; ++i) {
+          // a token's q/k/v are a strided slice of the projection's output, which the linear may
+          // have streamed past the caches: fetch a few tokens ahead, and this item's query heads
+          // for the attention below
+          if (i + PREFETCH_TOKENS < Lq) {
+            const int64_t f = i + PREFETCH_TOKENS;
+            prefetch_head<T, D>(k + b * ks[0] + f * ks[1] + hk * D);
+            prefetch_head<T, D>(v + b * vs[0] + f * vs[1] + hk * D);
+            for (int64_t h = hk * group; h < (hk + 1) * group; ++h) prefetch_head<T, D>(q + b * qs[0] + f * qs[1] + h * D);
+          }
           head_to_float<T, D>(buf, k + b * ks[0] + i * ks[1] + hk * D);
           if (cos != nullptr) rope<D>(buf, cos + (start + i) * D, sin + (start + i) * D);
           for (int c = 0; c < D; c += 16) store16(kcb + (start + i) * D + c, load16(buf + c));
           for (int c = 0; c < D; c += 16) store16(vcb + (start + i) * D + c, load16(v + b * vs[0] + i * vs[1] + hk * D + c));
         }
+#ifdef GENMILL_AMX
+        if constexpr (std::is_same_v<T, bf16> && D % 32 == 0) {
+          if (tiles) {
+            const auto query = [&](float* dst, const T* src, int64_t p) {
+              query_as_torch<T, D>(dst, src, cos != nullptr ? cos + p * D : nullptr,
+                                   cos != nullptr ? sin + p * D : nullptr, q_scale);
+            };
+            amx_attn::prefill_heads<D>(q + b * qs[0], qs[1], kcb, vcb, start, Lq, hk * group, (hk + 1) * group,
+                                       scale, out + b * Lq * H * D, H * D, ws, query);
+            continue;
+          }
+        }
+#endif
         // K transposed to [D][Lp] (zero-padded) in 16 x 16 blocks, and V as fp32, once for the
         // heads of this kv head
         for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
@@ -355,6 +405,9 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
         }
       }
     }
+#ifdef GENMILL_AMX
+    if (tiles) _tile_release();
+#endif
   }
 }
 
