@@ -258,7 +258,8 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
 constexpr int64_t PREFETCH_TOKENS = 8;
 template <typename T, int D>
 static inline void prefetch_head(const T* p) {
-  for (int64_t c = 0; c < int64_t(D * sizeof(T)); c += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + c, _MM_HINT_T1);
+  for (int64_t c = 0; c < int64_t(D * sizeof(T)); c += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p) + c, _MM_HINT_T1);
 }
 
 // R query rows at once: the key tile (and value rows) loaded once serve R rows
@@ -302,7 +303,8 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
             const int64_t f = i + PREFETCH_TOKENS;
             prefetch_head<T, D>(k + b * ks[0] + f * ks[1] + hk * D);
             prefetch_head<T, D>(v + b * vs[0] + f * vs[1] + hk * D);
-            for (int64_t h = hk * group; h < (hk + 1) * group; ++h) prefetch_head<T, D>(q + b * qs[0] + f * qs[1] + h * D);
+            for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+              prefetch_head<T, D>(q + b * qs[0] + f * qs[1] + h * D);
           }
           head_to_float<T, D>(buf, k + b * ks[0] + i * ks[1] + hk * D);
           if (cos != nullptr) rope<D>(buf, cos + (start + i) * D, sin + (start + i) * D);
@@ -412,6 +414,19 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
 }
 
 // ---------------------------------------------------------------------------------------------
+// the residual add before a norm: 16 columns of a row from c, x + res rounded to T and stored to
+// s (just x when res is null)
+template <typename T>
+static inline V16 residual_sum(const T* x, const T* res, T* s, int64_t c, Mask m) {
+  V16 a = load16(x + c, m);
+  if (res != nullptr) {
+    a = round_to(v_add(a, load16(res + c, m)), (const T*)nullptr);
+    store16(s + c, a, m);
+  }
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------
 // RMSNorm, optionally after a residual add: s = x + res (stored), y = w * T(s / rms(s))
 
 template <typename T>
@@ -420,14 +435,10 @@ static void rms_norm(const T* x, const T* res, const T* w, T* sum_out, T* y, int
   for (int64_t i = 0; i < N; ++i) {
     const T* xr = x + i * C;
     T* sr = sum_out != nullptr ? sum_out + i * C : nullptr;
+    const T* rr = res != nullptr ? res + i * C : nullptr;
     V16 ss = v_zero();
     for (int64_t c = 0; c < C; c += 16) {
-      const Mask m = first(int(std::min<int64_t>(16, C - c)));
-      V16 a = load16(xr + c, m);
-      if (res != nullptr) {
-        a = round_to(v_add(a, load16(res + i * C + c, m)), (const T*)nullptr);
-        store16(sr + c, a, m);
-      }
+      const V16 a = residual_sum(xr, rr, sr, c, first(int(std::min<int64_t>(16, C - c))));
       ss = v_fmadd(a, a, ss);
     }
     // torch: rsqrt(mean(s^2) + eps), its mean being sum * (1 / C)
@@ -453,16 +464,10 @@ static void layer_norm(const T* x, const T* res, const T* w, const T* bias, T* s
   for (int64_t i = 0; i < N; ++i) {
     const T* xr = x + i * C;
     T* sr = sum_out != nullptr ? sum_out + i * C : nullptr;
+    const T* rr = res != nullptr ? res + i * C : nullptr;
     V16 sum = v_zero();
-    for (int64_t c = 0; c < C; c += 16) {
-      const Mask m = first(int(std::min<int64_t>(16, C - c)));
-      V16 a = load16(xr + c, m);
-      if (res != nullptr) {
-        a = round_to(v_add(a, load16(res + i * C + c, m)), (const T*)nullptr);
-        store16(sr + c, a, m);
-      }
-      sum = v_add(sum, a);
-    }
+    for (int64_t c = 0; c < C; c += 16)
+      sum = v_add(sum, residual_sum(xr, rr, sr, c, first(int(std::min<int64_t>(16, C - c)))));
     const T* src = res != nullptr ? sr : xr;
     const float mean = v_reduce_add(sum) / float(C);
     const V16 vmean = v_set1(mean);
