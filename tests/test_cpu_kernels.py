@@ -170,6 +170,10 @@ def test_opt_layer_norms_run_the_kernel_once_enabled(tmp_path):
     eager = norms[0](x)
     assert enable_cpu_kernels(model) and all(n.kernel for n in norms)
     torch.testing.assert_close(norms[0](x), eager, atol=2e-6, rtol=2e-6)
+    # an input in another dtype than the norm's weights takes torch's path, not a misread kernel
+    xb = x.bfloat16()
+    n0 = norms[0]
+    torch.testing.assert_close(n0(xb), F.layer_norm(xb, (64,), n0.weight, n0.bias, n0.eps))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

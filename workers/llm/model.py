@@ -169,8 +169,12 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, elementwise_affine=elementwise_affine)
         self.kernel = False
 
+    def runs_kernel(self, x: Tensor) -> bool:
+        # the kernel reads weight and bias in x's dtype
+        return self.kernel and (self.weight is None or self.weight.dtype == x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel:
+        if self.runs_kernel(x):
             return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
