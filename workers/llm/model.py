@@ -153,8 +153,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.kernel = False  # one pass in workers.llm.cpu_kernels (see enable_cpu_kernels)
 
+    def runs_kernel(self, x: Tensor) -> bool:
+        # the kernel reads the weight in x's dtype
+        return self.kernel and self.weight.dtype == x.dtype
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel:
+        if self.runs_kernel(x):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # normalise in float32 and cast back before the weight, as transformers does (matters for bf16)
         x32 = x.float()
@@ -440,9 +444,9 @@ class TransformerBlock(nn.Module):
     def _add_norm(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         """(x + delta, ffn_norm(x + delta)): one kernel pass when the norm runs in cpu_kernels."""
         norm = self.ffn_norm
-        if isinstance(norm, RMSNorm) and norm.kernel:
+        if isinstance(norm, RMSNorm) and norm.runs_kernel(x):
             return cpu_kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
-        if isinstance(norm, LayerNorm) and norm.kernel:
+        if isinstance(norm, LayerNorm) and norm.runs_kernel(x):
             return cpu_kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
         h = x + delta
         return h, norm(h)
