@@ -307,7 +307,8 @@ class Attention(nn.Module):
             rows = cache_rows if cache_rows is not None else torch.arange(b, device=x.device)
             y = cpu_kernels.decode_step(
                 q.reshape(b * t, -1), k.reshape(b * t, -1), v.reshape(b * t, -1), self.kv_cache.k,
-                self.kv_cache.v, rows.repeat_interleave(t), input_pos.reshape(-1), cos, sin, q_scale, scale,
+                self.kv_cache.v, rows if t == 1 else rows.repeat_interleave(t), input_pos.reshape(-1), cos, sin,
+                q_scale, scale,
             )  # fmt: skip
             return self.wo(y.view(b, t, -1))
         if mask is None and keep is None:
@@ -564,6 +565,9 @@ class Transformer(nn.Module):
         kernel_step = self.kernels and t <= FEW_QUERIES
         prompt_step = self.kernels and t > FEW_QUERIES and prompt_chunk
         mask = None if kernel_step or prompt_step else self._mask(input_pos, kv_len)
+        if kernel_step and cache_rows is None:
+            # the decode kernel takes explicit cache rows: built once per step, not once per layer
+            cache_rows = torch.arange(tokens.shape[0], device=tokens.device)
         x = self.tok_embeddings(tokens)
         if self.project_in is not None:
             x = self.project_in(x)
