@@ -39,8 +39,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h"))
+_CSRC = Path(__file__).parent / "csrc"
+SOURCE = _CSRC / "cpu_kernels.cpp"
+HEADERS = tuple(_CSRC / name for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h"))
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # -ffp-contract=off: a * b + c stays two roundings where torch rounds twice (RoPE, residuals)
@@ -315,14 +316,17 @@ def _(x, residual, weight, eps) -> tuple[Tensor, Tensor]:
 # ---- LayerNorm ----
 
 
-def _layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float):
+def _layer_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor | None, Tensor]:
     # contiguous copies held in locals: they must outlive the call that reads them
     x, residual, weight, bias = (None if t is None else t.contiguous() for t in (x, residual, weight, bias))
     s = None if residual is None else torch.empty_like(x)
     y = torch.empty_like(x)
     n, c = x.numel() // x.shape[-1], x.shape[-1]
     _library().genmill_layer_norm(
-        _DTYPES[x.dtype], x.data_ptr(), _ptr(residual), _ptr(weight), _ptr(bias), _ptr(s), y.data_ptr(), n, c, eps
+        _DTYPES[x.dtype], x.data_ptr(), _ptr(residual), _ptr(weight), _ptr(bias), _ptr(s), y.data_ptr(),
+        n, c, eps,
     )  # fmt: skip
     return s, y
 
@@ -349,7 +353,8 @@ def add_layer_norm(
 
 @add_layer_norm.op.register_fake
 def _(x, residual, weight, bias, eps) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x, memory_format=torch.contiguous_format)
+    like = torch.contiguous_format
+    return torch.empty_like(x, memory_format=like), torch.empty_like(x, memory_format=like)
 
 
 # ---- SwiGLU gate ----
@@ -473,9 +478,13 @@ def fma_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int
         raise TypeError(f"fma_linear takes fp32 inputs and weights, got {x.dtype} and {packed.dtype}")
     k = x.shape[-1]
     if packed.dim() != 3 or packed.shape[1] != k or packed.shape[0] * FMA_PANEL < out_features:
-        raise ValueError(f"fma_linear: weight panels {tuple(packed.shape)} do not fit K={k}, N={out_features}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()):
-        raise ValueError(f"fma_linear: bias must be a contiguous fp32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
+        shape = tuple(packed.shape)
+        raise ValueError(f"fma_linear: weight panels {shape} do not fit K={k}, N={out_features}")
+    if bias is not None and (
+        bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()
+    ):
+        got = f"{bias.dtype} {tuple(bias.shape)}"
+        raise ValueError(f"fma_linear: bias must be a contiguous fp32 [{out_features}], got {got}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

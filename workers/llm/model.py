@@ -305,10 +305,10 @@ class Attention(nn.Module):
             # a speculative verification scores exactly what plain decoding would.
             cos, sin = self.rope_table or (_NO_ROPE, _NO_ROPE)
             rows = cache_rows if cache_rows is not None else torch.arange(b, device=x.device)
+            rows = rows if t == 1 else rows.repeat_interleave(t)
             y = cpu_kernels.decode_step(
                 q.reshape(b * t, -1), k.reshape(b * t, -1), v.reshape(b * t, -1), self.kv_cache.k,
-                self.kv_cache.v, rows if t == 1 else rows.repeat_interleave(t), input_pos.reshape(-1), cos, sin,
-                q_scale, scale,
+                self.kv_cache.v, rows, input_pos.reshape(-1), cos, sin, q_scale, scale,
             )  # fmt: skip
             return self.wo(y.view(b, t, -1))
         if mask is None and keep is None:
