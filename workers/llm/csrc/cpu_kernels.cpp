@@ -130,6 +130,49 @@ static inline void load_query(V16* qv, const float* q, const bf16*) {
   for (int c = 0; c < D / 16; ++c) qv[c] = load16(q + 16 * c);
 }
 
+// acc += p * V row r. A bf16 row of D = 32m values loads as split32 pairs: the accumulators then
+// hold each 32 columns as (even, odd), one ALU op per 16 values instead of a widening shuffle and
+// a shift
+template <int D>
+static inline void add_row(V16* acc, float p, const float* r) {
+  const V16 pv = v_set1(p);
+  for (int c = 0; c < D / 16; ++c) acc[c] = v_fmadd(pv, load16(r + 16 * c), acc[c]);
+}
+template <int D>
+static inline void add_row(V16* acc, float p, const bf16* r) {
+  const V16 pv = v_set1(p);
+  if constexpr (D % 32 == 0) {
+    for (int c = 0; c < D / 32; ++c) {
+      V16 even, odd;
+      split32(r + 32 * c, even, odd);
+      acc[2 * c] = v_fmadd(pv, even, acc[2 * c]);
+      acc[2 * c + 1] = v_fmadd(pv, odd, acc[2 * c + 1]);
+    }
+  } else {
+    for (int c = 0; c < D / 16; ++c) acc[c] = v_fmadd(pv, load16(r + 16 * c), acc[c]);
+  }
+}
+// out = acc * inv, columns back in order
+template <int D>
+static inline void store_item(float* out, const V16* acc, float inv) {
+  for (int c = 0; c < D / 16; ++c) store16(out + 16 * c, v_mul(acc[c], v_set1(inv)));
+}
+template <int D>
+static inline void store_item(bf16* out, const V16* acc, float inv) {
+  alignas(64) float split[D], row[D];
+  for (int c = 0; c < D / 16; ++c) store16(split + 16 * c, v_mul(acc[c], v_set1(inv)));
+  if constexpr (D % 32 == 0) {
+    for (int c = 0; c < D / 32; ++c)
+      for (int i = 0; i < 16; ++i) {
+        row[32 * c + 2 * i] = split[32 * c + i];
+        row[32 * c + 2 * i + 1] = split[32 * c + 16 + i];
+      }
+  } else {
+    std::copy(split, split + D, row);
+  }
+  for (int c = 0; c < D / 16; ++c) store16(out + 16 * c, load16(row + 16 * c));
+}
+
 // Attention items (one query head of one token) run G at a time, their K and V passes interleaved
 // chunk by chunk: G concurrent memory streams per thread instead of one. Reading a decode step's
 // KV cache is bound by memory latency, not bandwidth: one stream per core reaches ~60% of what four
@@ -189,6 +232,10 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
         load_query<D>(it[g].qv, buf, (const T*)nullptr);
         longest = std::max(longest, it[g].n);
       }
+      // the keys every item of a full group has (a decode step's group is G heads of one row: all
+      // of its keys) run without per-key checks
+      int64_t common = g_n == G ? it[0].n : 0;
+      for (int g = 1; g < g_n; ++g) common = std::min(common, it[g].n);
       // scores, 16 keys at a time (one K pass per item), then the probabilities, then one V pass:
       // two passes measured ~20% faster here than an online softmax reading K and V tiles together
       V16 mx[G];
@@ -197,10 +244,15 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
         // key by key across the items (the interleave that keeps G streams going), partial sums
         // parked in L1
         alignas(64) V16 part[G][16];
-        for (int j = 0; j < 16; ++j)
-          for (int g = 0; g < G; ++g)
-            part[g][j] = g < g_n && s0 + j < it[g].n ? dot_partial<D>(it[g].qv, it[g].kp + (s0 + j) * D)
-                                                     : v_zero();
+        if (s0 + 16 <= common) {
+          for (int j = 0; j < 16; ++j)
+            for (int g = 0; g < G; ++g) part[g][j] = dot_partial<D>(it[g].qv, it[g].kp + (s0 + j) * D);
+        } else {
+          for (int j = 0; j < 16; ++j)
+            for (int g = 0; g < G; ++g)
+              part[g][j] = g < g_n && s0 + j < it[g].n ? dot_partial<D>(it[g].qv, it[g].kp + (s0 + j) * D)
+                                                       : v_zero();
+        }
         for (int g = 0; g < g_n; ++g) {
           if (s0 >= it[g].n) continue;
           const int cnt = int(std::min<int64_t>(16, it[g].n - s0));
@@ -224,24 +276,16 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
         inv[g] = 1.0f / v_reduce_add(lv);
       }
       // sum_j p_j V_j, fp32, keys in order per item; the G items' accumulator chains interleave
+      // over their common keys, then each item finishes alone. For a bf16 cache the accumulators
+      // hold each 32 columns in (even, odd) order (add_row), put back in order by store_item.
       V16 acc[G][D / 16];
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < D / 16; ++c) acc[g][c] = v_zero();
-      for (int64_t s0 = 0; s0 < longest; s0 += 16) {
-        const int64_t stop = std::min<int64_t>(16, longest - s0);
-        for (int64_t j = 0; j < stop; ++j)
-          for (int g = 0; g < g_n; ++g) {
-            if (s0 + j >= it[g].n) continue;
-            const V16 pj = v_set1(sc[g * Sp + s0 + j]);
-            const T* vr = it[g].vp + (s0 + j) * D;
-            for (int c = 0; c < D / 16; ++c) acc[g][c] = v_fmadd(pj, load16(vr + 16 * c), acc[g][c]);
-          }
-      }
-      for (int g = 0; g < g_n; ++g) {
-        const int64_t item = gi * G + g;
-        const V16 iv = v_set1(inv[g]);
-        for (int c = 0; c < D / 16; ++c) store16(out + item * D + 16 * c, v_mul(acc[g][c], iv));
-      }
+      for (int64_t j = 0; j < common; ++j)
+        for (int g = 0; g < G; ++g) add_row<D>(acc[g], sc[g * Sp + j], it[g].vp + j * D);
+      for (int g = 0; g < g_n; ++g)
+        for (int64_t j = common; j < it[g].n; ++j) add_row<D>(acc[g], sc[g * Sp + j], it[g].vp + j * D);
+      for (int g = 0; g < g_n; ++g) store_item<D>(out + (gi * G + g) * D, acc[g], inv[g]);
     }
     std::free(sc);
   }

@@ -71,6 +71,13 @@ static inline void store16(float* p, V16 x) { _mm512_storeu_ps(p, x); }
 static inline void store16(bf16* p, V16 x) { _mm256_storeu_si256((__m256i*)p, to_bf16(x)); }
 static inline void store16(float* p, V16 x, Mask m) { _mm512_mask_storeu_ps(p, m, x); }
 static inline void store16(bf16* p, V16 x, Mask m) { _mm256_mask_storeu_epi16(p, m, to_bf16(x)); }
+// 32 bf16 as two fp32 vectors, lanes in (even, odd) order: even[i] = p[2i], odd[i] = p[2i + 1].
+// One 64-byte load and two ALU ops, where load16 spends a widening shuffle and a shift per 16
+static inline void split32(const bf16* p, V16& even, V16& odd) {
+  const __m512i x = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
 // the value x takes when stored as bf16
 static inline V16 round_bf16(V16 x) {
   __m512i w = _mm512_cvtepu16_epi32(to_bf16(x));
@@ -217,6 +224,12 @@ static inline __m256 widen_bf16(__m128i x) {  // 8 bf16 -> fp32: the bits become
 static inline V16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 static inline V16 load16(const bf16* p) {
   return {widen_bf16(_mm_loadu_si128((const __m128i*)p)), widen_bf16(_mm_loadu_si128((const __m128i*)(p + 8)))};
+}
+static inline void split32(const bf16* p, V16& even, V16& odd) {  // as in the AVX-512 part
+  const __m256i a = _mm256_loadu_si256((const __m256i*)p), b = _mm256_loadu_si256((const __m256i*)(p + 16));
+  const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
+  even = {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
+  odd = {_mm256_castsi256_ps(_mm256_and_si256(a, high)), _mm256_castsi256_ps(_mm256_and_si256(b, high))};
 }
 // masked loads and stores: whole vectors when every lane is on (the common case), else lane by
 // lane through a buffer (row tails only)
