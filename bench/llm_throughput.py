@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import per_cpu, write_section
 from workers.llm import malloc
-from workers.llm.cpu_kernels import amx_available, fma_linear_available
+from workers.llm.cpu_kernels import amx_available, avx512_linear_available, fma_linear_available
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.model import PackedLinear, widens_bf16
 from workers.llm.sampling import SamplingParams
@@ -252,6 +252,12 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> float:
 # ---- report ----
 
 
+def _avx512_kernel() -> bool:
+    """Whether the engine's packed linears run GenMill's AVX-512 kernel here (see PackedLinear)."""
+    return avx512_linear_available(torch.float32) and not amx_available()
+
+
+
 @dataclass
 class Result:
     model: str
@@ -409,7 +415,8 @@ def report(
             "**Machine matmul throughput** (GFLOP/s, measured in this run; best of repeated calls; the "
             "engine's packed linear is oneDNN with a packed weight, or in fp32 on a CPU without AVX-512 "
             f"GenMill's AVX2 FMA tile kernel{' (the case here)' if fma_linear_available() else ''}; "
-            "in bf16, GenMill's AMX tile kernel "
+            "in fp32 and bf16 on an AVX-512 CPU without AMX, GenMill's AVX-512 tile kernel"
+            f"{' (the case here)' if _avx512_kernel() else ''}; in bf16, GenMill's AMX tile kernel "
             f"on a CPU with AMX{' (the case here)' if amx_available() else ''}, and fp32 on a weight "
             "widened once on a CPU without bf16 instructions"
             f"{' (the case here)' if widens_bf16() else ''}):"

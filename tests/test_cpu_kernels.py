@@ -226,8 +226,9 @@ def test_genmill_cpu_kernels_rejects_an_unknown_choice(monkeypatch):
 @pytest.mark.skipif(cpu_kernels.instruction_set() != "avx512", reason="no AVX-512 here: the AVX2 build ran above")
 def test_the_avx2_build_passes_these_tests_on_an_avx512_cpu():
     env = {**os.environ, "GENMILL_CPU_KERNELS": "avx2"}
-    # the AMX linear needs AVX-512 (it is left out of the AVX2 build, see test_amx_is_left_out_of_the_avx2_build)
-    select = "not avx512_cpu and not amx_linear"
+    # the AMX and AVX-512 linears need AVX-512 (left out of the AVX2 build, see
+    # test_amx_is_left_out_of_the_avx2_build)
+    select = "not avx512_cpu and not amx_linear and not avx512_linear"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -335,3 +336,83 @@ def test_packed_linears_run_the_fma_kernel_where_the_cpu_lacks_avx512():
         torch.testing.assert_close(packed(x, "relu"), torch.relu(linear(x)), atol=1e-5, rtol=1e-5)
         if packed.fma:
             assert torch.equal(packed(x), cpu_kernels.fma_linear(x, packed.weight, linear.bias, 50, False))
+
+
+# ---- fp32 and bf16 linear on AVX-512 ----
+
+
+def _avx512_linear(dtype):
+    return pytest.mark.skipif(
+        not cpu_kernels.avx512_linear_available(dtype), reason=f"no AVX-512 kernel for {dtype} here"
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(1, 3072, 768), (13, 100, 72), (200, 40, 300), (64, 2304, 768), (1400, 1536, 64), (9, 17, 63), (70, 49, 3072)],
+)
+def test_avx512_linear_is_the_linear_rounded_once(dtype, m, n, k):
+    # row counts around the 8-row tiles and the row chunks, N off the 48-column panels (a narrow last
+    # panel), K off the 128-step slices and odd (bf16: a zero completes the last pair), an fp32 output
+    # over 8 MiB (stored non-temporally); x with a row stride wider than K
+    if not cpu_kernels.avx512_linear_available(dtype):
+        pytest.skip(f"no AVX-512 kernel for {dtype} here")
+    torch.manual_seed(0)
+    w, bias = (torch.randn(n, k) / k**0.5).to(dtype), torch.randn(n)
+    x = torch.randn(m, k + 5)[:, 2 : 2 + k].to(dtype)
+    packed = cpu_kernels.avx512_pack(w)
+    assert packed.numel() == n * (k + k % 2 if dtype == torch.bfloat16 else k)  # nothing padded but K's pair
+    ref = (x.double() @ w.double().T + bias.double()).to(dtype)
+    y = cpu_kernels.avx512_linear(x, packed, bias, n, False)
+    assert y.shape == (m, n) and y.dtype == dtype
+    # products of bf16 values are exact in fp32: only the order of the sums (and one rounding) differ
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 8e-3}
+    torch.testing.assert_close(y, ref, **tolerance)
+    assert torch.equal(cpu_kernels.avx512_linear(x, packed, bias, n, True), torch.relu(y))
+    no_bias = cpu_kernels.avx512_linear(x.reshape(1, m, k), packed, None, n, False)
+    torch.testing.assert_close(no_bias, (x.double() @ w.double().T).to(dtype).reshape(1, m, n), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avx512_linear_gives_a_row_the_same_bits_in_any_batch(dtype):
+    # a speculative verification runs batch x (k+1) rows where a decode step runs batch rows; 700
+    # rows span several row chunks
+    if not cpu_kernels.avx512_linear_available(dtype):
+        pytest.skip(f"no AVX-512 kernel for {dtype} here")
+    torch.manual_seed(0)
+    w, x = torch.randn(2304, 768).to(dtype), torch.randn(700, 768).to(dtype)
+    packed = cpu_kernels.avx512_pack(w)
+    full = cpu_kernels.avx512_linear(x, packed, None, 2304, False)
+    for rows in (slice(0, 1), slice(0, 5), slice(0, 40), slice(0, 257), slice(100, 140), slice(699, 700)):
+        assert torch.equal(cpu_kernels.avx512_linear(x[rows], packed, None, 2304, False), full[rows]), rows
+
+
+@_avx512_linear(torch.float32)
+def test_avx512_linear_rejects_what_it_cannot_run():
+    w = cpu_kernels.avx512_pack(torch.randn(40, 64))
+    with pytest.raises(TypeError, match="alike"):
+        cpu_kernels.avx512_linear(torch.randn(3, 64).bfloat16(), w, None, 40, False)
+    with pytest.raises(ValueError, match="does not fit K=32"):
+        cpu_kernels.avx512_linear(torch.randn(3, 32), w, None, 40, False)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_kernels.avx512_linear(torch.randn(3, 64), w, torch.randn(40).double(), 40, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_linears_run_the_avx512_kernel_on_an_avx512_cpu_without_amx(dtype):
+    from workers.llm.model import PackedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 50).to(dtype)
+    packed = PackedLinear(linear, batch_hint=8)
+    expected = cpu_kernels.avx512_linear_available(dtype) and not cpu_kernels.amx_available()
+    assert packed.avx512 == expected
+    x = torch.randn(9, 96).to(dtype)
+    with torch.inference_mode():
+        tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+        torch.testing.assert_close(packed(x, "relu"), torch.relu(linear(x)), **tolerance)
+        if packed.avx512:
+            bias = linear.bias.detach().float()
+            assert torch.equal(packed(x), cpu_kernels.avx512_linear(x, packed.weight, bias, 50, False))
+

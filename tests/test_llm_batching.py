@@ -122,7 +122,8 @@ def test_packed_linear_gives_a_row_the_same_bits_in_any_batch(dtype, k, n):
         pytest.skip("oneDNN packing is not available here")
     from workers.llm import cpu_kernels
 
-    if dtype == torch.bfloat16 and not (cpu_kernels.amx_available() or widens_bf16()):
+    own_bf16 = cpu_kernels.amx_available() or cpu_kernels.avx512_linear_available(torch.bfloat16)
+    if dtype == torch.bfloat16 and not (own_bf16 or widens_bf16()):
         pytest.skip("bf16 runs oneDNN's own kernels here, which promise nothing across row counts")
     torch.manual_seed(0)
     packed = PackedLinear(torch.nn.Linear(k, n).to(dtype), batch_hint=8)

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the LLM engine: decode step, prompt attention, (residual add +) RMSNorm
-and LayerNorm, SwiGLU gate, greedy argmax, a bf16 linear on Intel AMX tiles and an fp32 linear on
-AVX2 + FMA.
+and LayerNorm, SwiGLU gate, greedy argmax, and three linears: bf16 on Intel AMX tiles, fp32 and
+bf16 on AVX-512, fp32 on AVX2 + FMA.
 
 Why: on the CPU, a batch-64 decode step spends as long outside the matmuls as in them. torch runs
 RoPE, the KV-cache write (`index_put_`, ~170 us a call), the attention and RMSNorm as a dozen small
@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCE = _CSRC / "cpu_kernels.cpp"
-HEADERS = tuple(_CSRC / name for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h"))
+HEADERS = tuple(
+    _CSRC / name for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h", "avx512_linear.h")
+)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # -ffp-contract=off: a * b + c stays two roundings where torch rounds twice (RoPE, residuals)
@@ -106,6 +108,7 @@ _SIGNATURES = {
     "genmill_amx_available": [],
     "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
     "genmill_fma_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
+    "genmill_avx512_linear": [_INT, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
 }
 
 
@@ -498,5 +501,66 @@ def fma_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int
 
 
 @fma_linear.op.register_fake
+def _(x, packed, bias, out_features, relu) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# ---- fp32 and bf16 linear on AVX-512 ----
+
+AVX512_PANEL = 48  # output columns per packed panel
+
+
+@functools.cache
+def avx512_linear_available(dtype: torch.dtype) -> bool:
+    """Whether `avx512_linear` runs `dtype` here: the AVX-512 build, and for bf16 a CPU with
+    AVX512_BF16 (VDPBF16PS). GENMILL_CPU_KERNELS=avx2 or off leaves it out."""
+    lib = _library()
+    if lib is None or dtype not in _DTYPES:
+        return False
+    x, w, y = torch.zeros(1, 2, dtype=dtype), torch.zeros(2, dtype=dtype), torch.empty(1, 1, dtype=dtype)
+    status = lib.genmill_avx512_linear(_DTYPES[dtype], x.data_ptr(), 2, w.data_ptr(), None, y.data_ptr(), 1, 1, 2, 0)
+    return status == 0
+
+
+def avx512_pack(weight: Tensor) -> Tensor:
+    """`[N, K]` fp32 or bf16 -> the flat layout `avx512_linear` streams (csrc/avx512_linear.h):
+    panels of 48 output columns (the last one narrower, so nothing is padded), each K steps of its
+    columns: fp32 `[K, n]`; bf16 `[K/2, n, 2]`, K pairs as VDPBF16PS reads them (K padded to even)."""
+    n, k = weight.shape
+    if weight.dtype == torch.bfloat16:
+        w = torch.nn.functional.pad(weight, (0, k % 2)).view(n, -1, 2)  # [N, K/2, 2]
+        return torch.cat([p.transpose(0, 1).reshape(-1) for p in w.split(AVX512_PANEL)])
+    w = weight.float()
+    return torch.cat([p.t().reshape(-1) for p in w.split(AVX512_PANEL)])
+
+
+@_kernel_op("avx512_linear")
+def avx512_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int, relu: bool) -> Tensor:
+    """`x @ W.T + bias` (then ReLU if `relu`) for fp32 or bf16 `x` `[..., K]`, W packed by
+    `avx512_pack` in the same dtype, bias fp32 or None: fp32 accumulation, each output summed over
+    K in one order whatever the row count, one rounding to x's dtype."""
+    if x.dtype != packed.dtype or x.dtype not in _DTYPES:
+        raise TypeError(f"avx512_linear takes fp32 or bf16 inputs and weights alike, got {x.dtype} and {packed.dtype}")
+    k = x.shape[-1]
+    if packed.dim() != 1 or packed.numel() != out_features * (k + k % 2 if x.dtype == torch.bfloat16 else k):
+        raise ValueError(f"avx512_linear: packed weight {tuple(packed.shape)} does not fit K={k}, N={out_features}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()):
+        raise ValueError(f"avx512_linear: bias must be a contiguous fp32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or (x.dtype == torch.bfloat16 and k % 2):
+        # an odd K: a zero column completes the last pair (the packed weights have one too)
+        x2 = torch.nn.functional.pad(x2, (0, k % 2)) if x.dtype == torch.bfloat16 else x2.contiguous()
+    out = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+    if x2.shape[0] > 0:
+        status = _library().genmill_avx512_linear(
+            _DTYPES[x.dtype], x2.data_ptr(), x2.stride(0), packed.data_ptr(), _ptr(bias), out.data_ptr(),
+            x2.shape[0], out_features, x2.shape[1], int(relu),
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"avx512_linear does not run {x.dtype} here (no AVX-512 or no AVX512_BF16)")
+    return out.view(*x.shape[:-1], out_features)
+
+
+@avx512_linear.op.register_fake
 def _(x, packed, bias, out_features, relu) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)

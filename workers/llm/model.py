@@ -645,6 +645,13 @@ class PackedLinear(nn.Module):
     packed into panels of 16 output columns. On such CPUs it runs decode-step linears 15-20% faster
     than oneDNN's fp32 kernels, prompt-sized ones from equal to ~7% slower (csrc/fma_linear.h), and
     it too sums each output in one fixed order, whatever the row count.
+
+    fp32 and bf16 on an AVX-512 CPU without AMX (bf16 where it has AVX512_BF16):
+    `cpu_kernels.avx512_linear`, on a weight packed into panels of 48 output columns. Measured on a
+    Zen 5 EPYC: decode-step linears, whose weights stream from memory, 10-20% faster than oneDNN's;
+    prompt-sized ones even in fp32 and 2-8% slower in bf16 (csrc/avx512_linear.h). Its rows, too,
+    come out the same whatever the row count, which oneDNN's bf16 kernels do not promise.
+    fp32 on an AMX CPU stays with oneDNN, measured there as fast as an AVX-512 FMA tile.
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
@@ -657,24 +664,33 @@ class PackedLinear(nn.Module):
         self.amx = weight.dtype == torch.bfloat16 and not self.widened and cpu_kernels.amx_available()
         # fp32 on a CPU without AVX-512: GenMill's FMA tile kernel (faster than oneDNN's there)
         self.fma = (weight.dtype == torch.float32 or self.widened) and cpu_kernels.fma_linear_available()
+        # fp32 or bf16 on an AVX-512 CPU without AMX: GenMill's AVX-512 tile kernel
+        self.avx512 = (
+            not self.widened
+            and not cpu_kernels.amx_available()
+            and cpu_kernels.avx512_linear_available(weight.dtype)
+        )
         if self.widened:
             weight, bias = weight.float(), None if bias is None else bias.float()
         if self.amx:
             packed = cpu_kernels.amx_pack(weight)
         elif self.fma:
             packed = cpu_kernels.fma_pack(weight)
+        elif self.avx512:
+            packed = cpu_kernels.avx512_pack(weight)
         else:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        # the AMX kernel adds the bias in fp32, as oneDNN does
-        amx_bias = bias.float() if self.amx and bias is not None else None
-        self.register_buffer("amx_bias", amx_bias, persistent=False)
+        # GenMill's bf16 kernels add the bias in fp32, as oneDNN does
+        kernel_bias = bias.float() if (self.amx or self.avx512) and bias is not None else None
+        self.register_buffer("kernel_bias", kernel_bias, persistent=False)
 
     def forward(self, x: Tensor, activation: str = "none") -> Tensor:
         """`activation`: "none" or a oneDNN post-op ("relu", "swish", "gelu") applied to the output."""
-        if self.amx:
-            y = cpu_kernels.amx_linear(x, self.weight, self.amx_bias, self.out_features, activation == "relu")
+        if self.amx or self.avx512:
+            kernel = cpu_kernels.amx_linear if self.amx else cpu_kernels.avx512_linear
+            y = kernel(x, self.weight, self.kernel_bias, self.out_features, activation == "relu")
             return y if activation in ("none", "relu") else _POST_OP_FUNCTIONS[activation](y)
         if self.fma:
             y = cpu_kernels.fma_linear(

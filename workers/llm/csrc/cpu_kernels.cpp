@@ -24,6 +24,7 @@
 #include "vec16.h"
 #include "amx_linear.h"
 #include "fma_linear.h"
+#include "avx512_linear.h"  // after vec16.h, whose masked stores it uses
 
 // the value x takes when stored in T: identity for fp32, bf16 rounding for bf16
 static inline V16 round_to(V16 x, const float*) { return x; }
@@ -700,4 +701,16 @@ extern "C" int genmill_amx_linear(const void* x, int64_t sx, const void* wp, con
 extern "C" int genmill_fma_linear(const float* x, int64_t sx, const float* wp, const float* bias, float* y, int64_t M,
                                   int64_t N, int64_t K, int relu) {
   return fmalin::linear(x, sx, wp, bias, y, M, N, K, relu != 0);
+}
+
+// 0: done; 1: not built here (no AVX-512, or bf16 without AVX512_BF16)
+extern "C" int genmill_avx512_linear(int is_bf16, const void* x, int64_t sx, const void* wp, const float* bias,
+                                     void* y, int64_t M, int64_t N, int64_t K, int relu) {
+#ifdef GENMILL_AVX512_LINEAR
+  if (!is_bf16) return zlin::linear((const float*)x, sx, (const float*)wp, bias, (float*)y, M, N, K, relu != 0);
+#ifdef __AVX512BF16__
+  return zlin::linear((const bf16*)x, sx, (const bf16*)wp, bias, (bf16*)y, M, N, K, relu != 0);
+#endif
+#endif
+  return 1;
 }
