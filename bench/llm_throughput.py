@@ -10,7 +10,8 @@ Workload: --requests prompts of 110-128 random token ids (seeded), --new-tokens 
 EOS ignored on both sides (ours `ignore_eos`, transformers `min_new_tokens`), so both generate
 exactly the same number of tokens. transformers runs the whole batch at once, left-padded; ours gets
 the same ids as `prompt_ids` with max_batch_size = --requests. Figures are end to end (prefill +
-decode), model load and compilation excluded (a warm-up call compiles); best of --repeats runs.
+decode), model load and compilation excluded (a warm-up call compiles); best of --repeats runs, with
+transformers and every mode of ours alternating run by run (a shared machine's speed drifts).
 Both sides run under the malloc settings the engine applies on the CPU (workers/llm/malloc.py,
 set once before the first run), so the baseline gets the same allocator, not one that
 page-faults its big activations while ours reuses them.
@@ -257,7 +258,6 @@ def _avx512_kernel() -> bool:
     return avx512_linear_available(torch.float32) and not amx_available()
 
 
-
 @dataclass
 class Result:
     model: str
@@ -282,15 +282,24 @@ class Result:
         return self.hf_s / (self.matmul_flop / peak / 1e9 + self.kv_bytes / bandwidth / 1e9)
 
 
-def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: tuple, args: Any) -> Result:
-    """Our engine on the same prompts: a warm-up call compiles, then the best of --repeats runs."""
+def load_engine(
+    folder: Path, dtype: str, mode: str, prompts: list, args: Any
+) -> tuple[LLMEngine, Flops, float]:
+    """An engine warmed up on the prompts (the warm-up call compiles); its work and compile time."""
     engine = LLMEngine.load(folder, dtype=dtype, max_batch_size=args.requests, compile=MODES[mode])
     try:
         flops = count_flops(engine, prompts, args.new_tokens)
         _, _, warm = run_ours(engine, prompts, 4)
-        runs = [run_ours(engine, prompts, args.new_tokens) for _ in range(args.repeats)]
-    finally:
+    except BaseException:
         engine.close()
+        raise
+    return engine, flops, warm.get("compile_s", 0.0)
+
+
+def result(
+    name: str, dtype: str, mode: str, runs: list, hf: tuple, flops: Flops, compile_s: float, args: Any
+) -> Result:
+    """The best of our runs against the best of transformers' runs."""
     wall, tokens, m = min(runs, key=lambda r: r[0])
     if m.get("compile_s"):
         print(f"  warning: the timed run compiled for {m['compile_s']:.0f} s", flush=True)
@@ -311,11 +320,33 @@ def measure(folder: Path, name: str, dtype: str, mode: str, prompts: list, hf: t
         m["decode_tokens_per_s"],
         flops.decode / decode_s / 1e9,
         agreement(tokens, hf_tokens),
-        warm.get("compile_s", 0.0),
+        compile_s,
         flops.prefill + flops.decode_matmul,
         flops.kv_bytes,
         hf_wall,
     )
+
+
+def measure(folder: Path, name: str, dtype: str, prompts: list, args: Any) -> tuple[float, list[Result]]:
+    """transformers and our engine in every mode, alternating run by run (a shared machine's speed
+    drifts by 10-30% over minutes: alternating spreads the drift over both sides instead of
+    handing it to whichever ran later); best of --repeats each. Returns transformers' tok/s too."""
+    engines = {}
+    try:
+        for mode in args.modes:
+            engines[mode] = load_engine(folder, dtype, mode, prompts, args)
+        hf_runs: list = []
+        runs: dict[str, list] = {mode: [] for mode in args.modes}
+        for _ in range(args.repeats):
+            hf_runs.append(run_transformers(folder, dtype, prompts, args.new_tokens))
+            for mode, (engine, _, _) in engines.items():
+                runs[mode].append(run_ours(engine, prompts, args.new_tokens))
+    finally:
+        for engine, _, _ in engines.values():
+            engine.close()
+    hf = min(hf_runs, key=lambda r: r[0])
+    results = [result(name, dtype, mode, runs[mode], hf, *engines[mode][1:], args) for mode in args.modes]
+    return args.requests * args.new_tokens / hf[0], results
 
 
 def main() -> None:
@@ -351,20 +382,16 @@ def main() -> None:
     print(f"  memory read {bandwidth:.1f} GB/s", flush=True)
     results: list[Result] = []
     baselines: dict[tuple[str, str], float] = {}
-    total = args.requests * args.new_tokens
     for name in args.models:
         folder = checkpoint(args.workdir, name)
         prompts = make_prompts(args.requests, model_config(name).vocab_size)
         for dtype in args.dtypes:
-            runs = [run_transformers(folder, dtype, prompts, args.new_tokens) for _ in range(args.repeats)]
-            hf = min(runs, key=lambda r: r[0])
-            baselines[name, dtype] = total / hf[0]
+            baselines[name, dtype], rows = measure(folder, name, dtype, prompts, args)
             print(f"{name} {dtype} transformers: {baselines[name, dtype]:7.1f} tok/s", flush=True)
-            for mode in args.modes:
-                r = measure(folder, name, dtype, mode, prompts, hf, args)
+            for r in rows:
                 results.append(r)
                 print(
-                    f"{name} {dtype} ours/{mode}: {r.tokens_per_s:7.1f} tok/s = {r.ratio:.2f}x "
+                    f"{name} {dtype} ours/{r.mode}: {r.tokens_per_s:7.1f} tok/s = {r.ratio:.2f}x "
                     f"(prefill {r.prefill_s:.2f} s, {r.prefill_gflops:.0f} GFLOP/s; decode {r.decode_s:.2f} s, "
                     f"{r.decode_tokens_per_s:.0f} tok/s, {r.decode_gflops:.0f} GFLOP/s; same tokens as "
                     f"transformers {r.agreement:.1%}; compile {r.compile_s:.0f} s)",
@@ -399,7 +426,8 @@ def report(
         (
             f"{args.requests} requests, prompts of {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} random token ids, "
             f"{args.new_tokens} greedy tokens each (EOS ignored), batch {args.requests}, CPU, "
-            f"{args.threads} torch threads, torch {torch.__version__}, best of {args.repeats} run(s) per side. "
+            f"{args.threads} torch threads, torch {torch.__version__}, best of {args.repeats} run(s) per "
+            "side, the sides alternating run by run. "
             "End to end (prefill + decode); model load and compilation excluded. Random weights: token "
             "agreement with transformers is a sanity check (bf16 near-ties flip easily), not an accuracy "
             f"figure. Load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f} (a shared machine "

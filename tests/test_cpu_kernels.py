@@ -350,7 +350,10 @@ def _avx512_linear(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(1, 3072, 768), (13, 100, 72), (200, 40, 300), (64, 2304, 768), (1400, 1536, 64), (9, 17, 63), (70, 49, 3072)],
+    [
+        (1, 3072, 768), (13, 100, 72), (200, 40, 300), (64, 2304, 768), (1400, 1536, 64), (9, 17, 63),
+        (70, 49, 3072),
+    ],
 )
 def test_avx512_linear_is_the_linear_rounded_once(dtype, m, n, k):
     # row counts around the 8-row tiles and the row chunks, N off the 48-column panels (a narrow last

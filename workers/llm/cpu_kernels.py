@@ -518,7 +518,9 @@ def avx512_linear_available(dtype: torch.dtype) -> bool:
     if lib is None or dtype not in _DTYPES:
         return False
     x, w, y = torch.zeros(1, 2, dtype=dtype), torch.zeros(2, dtype=dtype), torch.empty(1, 1, dtype=dtype)
-    status = lib.genmill_avx512_linear(_DTYPES[dtype], x.data_ptr(), 2, w.data_ptr(), None, y.data_ptr(), 1, 1, 2, 0)
+    status = lib.genmill_avx512_linear(
+        _DTYPES[dtype], x.data_ptr(), 2, w.data_ptr(), None, y.data_ptr(), 1, 1, 2, 0
+    )
     return status == 0
 
 
@@ -540,12 +542,17 @@ def avx512_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: 
     `avx512_pack` in the same dtype, bias fp32 or None: fp32 accumulation, each output summed over
     K in one order whatever the row count, one rounding to x's dtype."""
     if x.dtype != packed.dtype or x.dtype not in _DTYPES:
-        raise TypeError(f"avx512_linear takes fp32 or bf16 inputs and weights alike, got {x.dtype} and {packed.dtype}")
+        got = f"{x.dtype} and {packed.dtype}"
+        raise TypeError(f"avx512_linear takes fp32 or bf16 inputs and weights alike, got {got}")
     k = x.shape[-1]
     if packed.dim() != 1 or packed.numel() != out_features * (k + k % 2 if x.dtype == torch.bfloat16 else k):
-        raise ValueError(f"avx512_linear: packed weight {tuple(packed.shape)} does not fit K={k}, N={out_features}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()):
-        raise ValueError(f"avx512_linear: bias must be a contiguous fp32 [{out_features}], got {bias.dtype} {tuple(bias.shape)}")
+        shape = tuple(packed.shape)
+        raise ValueError(f"avx512_linear: packed weight {shape} does not fit K={k}, N={out_features}")
+    if bias is not None and (
+        bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()
+    ):
+        got = f"{bias.dtype} {tuple(bias.shape)}"
+        raise ValueError(f"avx512_linear: bias must be a contiguous fp32 [{out_features}], got {got}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or (x.dtype == torch.bfloat16 and k % 2):
         # an odd K: a zero column completes the last pair (the packed weights have one too)
