@@ -400,6 +400,43 @@ def _(logits) -> Tensor:
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
+# ---- linears: shared by the three kernels below ----
+
+
+def _check_bias(name: str, bias: Tensor | None, out_features: int) -> None:
+    if bias is not None and (
+        bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()
+    ):
+        got = f"{bias.dtype} {tuple(bias.shape)}"
+        raise ValueError(f"{name}: bias must be a contiguous fp32 [{out_features}], got {got}")
+
+
+def _rows(x: Tensor, pad_to_even: bool = False) -> Tensor:
+    """x `[..., K]` as rows `[M, K]` with unit column stride (a column slice keeps its row stride);
+    `pad_to_even`: an odd K gets a zero column."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if pad_to_even and k % 2:
+        return torch.nn.functional.pad(x2, (0, 1))
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _run_linear(
+    kernel: Any, x: Tensor, x2: Tensor, packed: Tensor, bias: Tensor | None, out_features: int, relu: bool,
+    *lead: int,
+) -> tuple[int, Tensor]:
+    """`kernel(*lead, x, row stride, packed, bias, y, M, N, K, relu)` into a new output in x's dtype;
+    its status (0: done) and the output shaped like x."""
+    out = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
+    status = 0
+    if x2.shape[0] > 0:
+        status = kernel(
+            *lead, x2.data_ptr(), x2.stride(0), packed.data_ptr(), _ptr(bias), out.data_ptr(),
+            x2.shape[0], out_features, x2.shape[1], int(relu),
+        )  # fmt: skip
+    return status, out.view(*x.shape[:-1], out_features)
+
+
 # ---- bf16 linear on AMX tiles ----
 
 AMX_BLOCK = 32  # output columns per packed block, and K values per tile step
@@ -431,19 +468,11 @@ def amx_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int
     bias float32 or None: fp32 accumulation in a fixed order per output, one rounding to bf16."""
     if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16:
         raise TypeError(f"amx_linear takes bf16 inputs and weights, got {x.dtype} and {packed.dtype}")
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
-    if x2.shape[0] > 0:
-        status = _library().genmill_amx_linear(
-            x2.data_ptr(), x2.stride(0), packed.data_ptr(), _ptr(bias), out.data_ptr(),
-            x2.shape[0], out_features, k, int(relu),
-        )  # fmt: skip
-        if status != 0:
-            raise RuntimeError(f"amx_linear failed (status {status}): AMX tiles unavailable or out of memory")
-    return out.view(*x.shape[:-1], out_features)
+    _check_bias("amx_linear", bias, out_features)
+    status, out = _run_linear(_library().genmill_amx_linear, x, _rows(x), packed, bias, out_features, relu)
+    if status != 0:
+        raise RuntimeError(f"amx_linear failed (status {status}): AMX tiles unavailable or out of memory")
+    return out
 
 
 @amx_linear.op.register_fake
@@ -483,21 +512,8 @@ def fma_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int
     if packed.dim() != 3 or packed.shape[1] != k or packed.shape[0] * FMA_PANEL < out_features:
         shape = tuple(packed.shape)
         raise ValueError(f"fma_linear: weight panels {shape} do not fit K={k}, N={out_features}")
-    if bias is not None and (
-        bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()
-    ):
-        got = f"{bias.dtype} {tuple(bias.shape)}"
-        raise ValueError(f"fma_linear: bias must be a contiguous fp32 [{out_features}], got {got}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
-    if x2.shape[0] > 0:
-        _library().genmill_fma_linear(
-            x2.data_ptr(), x2.stride(0), packed.data_ptr(), _ptr(bias), out.data_ptr(),
-            x2.shape[0], out_features, k, int(relu),
-        )  # fmt: skip
-    return out.view(*x.shape[:-1], out_features)
+    _check_bias("fma_linear", bias, out_features)
+    return _run_linear(_library().genmill_fma_linear, x, _rows(x), packed, bias, out_features, relu)[1]
 
 
 @fma_linear.op.register_fake
@@ -548,24 +564,14 @@ def avx512_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: 
     if packed.dim() != 1 or packed.numel() != out_features * (k + k % 2 if x.dtype == torch.bfloat16 else k):
         shape = tuple(packed.shape)
         raise ValueError(f"avx512_linear: packed weight {shape} does not fit K={k}, N={out_features}")
-    if bias is not None and (
-        bias.dtype != torch.float32 or bias.shape != (out_features,) or not bias.is_contiguous()
-    ):
-        got = f"{bias.dtype} {tuple(bias.shape)}"
-        raise ValueError(f"avx512_linear: bias must be a contiguous fp32 [{out_features}], got {got}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or (x.dtype == torch.bfloat16 and k % 2):
-        # an odd K: a zero column completes the last pair (the packed weights have one too)
-        x2 = torch.nn.functional.pad(x2, (0, k % 2)) if x.dtype == torch.bfloat16 else x2.contiguous()
-    out = torch.empty(x2.shape[0], out_features, dtype=x.dtype)
-    if x2.shape[0] > 0:
-        status = _library().genmill_avx512_linear(
-            _DTYPES[x.dtype], x2.data_ptr(), x2.stride(0), packed.data_ptr(), _ptr(bias), out.data_ptr(),
-            x2.shape[0], out_features, x2.shape[1], int(relu),
-        )  # fmt: skip
-        if status != 0:
-            raise RuntimeError(f"avx512_linear does not run {x.dtype} here (no AVX-512 or no AVX512_BF16)")
-    return out.view(*x.shape[:-1], out_features)
+    _check_bias("avx512_linear", bias, out_features)
+    # bf16 with an odd K: a zero column completes the last pair (the packed weights have one too)
+    x2 = _rows(x, pad_to_even=x.dtype == torch.bfloat16)
+    kernel = _library().genmill_avx512_linear
+    status, out = _run_linear(kernel, x, x2, packed, bias, out_features, relu, _DTYPES[x.dtype])
+    if status != 0:
+        raise RuntimeError(f"avx512_linear does not run {x.dtype} here (no AVX-512 or no AVX512_BF16)")
+    return out
 
 
 @avx512_linear.op.register_fake
