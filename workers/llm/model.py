@@ -651,7 +651,8 @@ class PackedLinear(nn.Module):
     Zen 5 EPYC: decode-step linears, whose weights stream from memory, 10-20% faster than oneDNN's;
     prompt-sized ones even in fp32 and 2-8% slower in bf16 (csrc/avx512_linear.h). Its rows, too,
     come out the same whatever the row count, which oneDNN's bf16 kernels do not promise.
-    fp32 on an AMX CPU stays with oneDNN, measured there as fast as an AVX-512 FMA tile.
+    fp32 on an AMX CPU stays with oneDNN: an AVX-512 FMA tile measured there was even with it at
+    decode shapes and 13% slower at prompt shapes (this kernel is not measured there yet).
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:

@@ -196,8 +196,8 @@ static int linear(const T* x, int64_t sx, const T* wp, const float* bias, T* y, 
             tile_rows<T>(int(std::min<int64_t>(MR, mc - mb)), x + (m0 + mb) * sx, sx, p, s0, s1, acc + mb * NR,
                          s0 == 0, pf);
         }
-        store_rows(acc, bias ? bias + nb * NR : nullptr, relu, y + m0 * N + nb * NR, N, mc,
-                   std::min<int64_t>(NR, N - nb * NR), stream);
+        store_rows(acc, bias ? bias + nb * NR : nullptr, relu, y + m0 * N + nb * NR, N, mc, p.step_bytes / 4,
+                   stream);
       }
     }
     if (stream) _mm_sfence();  // each thread's non-temporal stores are visible before y is read
