@@ -307,6 +307,32 @@ static inline void prefetch_head(const T* p) {
     _mm_prefetch(reinterpret_cast<const char*>(p) + c, _MM_HINT_T1);
 }
 
+// How prefill scores take K: fp32 values, one d per step (FMA); or, for a bf16 cache on a CPU
+// with AVX512_BF16, pairs of values, two d per step (VDPBF16PS: exact products of the bf16 query
+// and key, summed in fp32 like the decode kernel's dot_partial), with half the loads and steps
+template <typename T, int D, typename = void>
+struct PairQK {
+  static constexpr int K = 1;
+  static inline V16 load(const T* p) { return load16(p); }
+  static inline void query(float* dst, const float* q) { std::copy(q, q + D, dst); }
+  static inline V16 madd(V16 q, V16 k, V16 acc) { return v_fmadd(q, k, acc); }
+};
+#ifdef __AVX512BF16__
+template <int D>
+struct PairQK<bf16, D, std::enable_if_t<D % 32 == 0>> {
+  static constexpr int K = 2;
+  static inline V16 load(const bf16* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+  // q (fp32 values already rounded to bf16) as pairs: word i = (q[2i], q[2i + 1])
+  static inline void query(float* dst, const float* q) {
+    for (int c = 0; c < D / 32; ++c)
+      store16(dst + 16 * c, (__m512)_mm512_cvtne2ps_pbh(load16(q + 32 * c + 16), load16(q + 32 * c)));
+  }
+  static inline V16 madd(V16 q, V16 k, V16 acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(q), (__m512bh)_mm512_castps_si512(k));
+  }
+};
+#endif
+
 // R query rows at once: the key tile (and value rows) loaded once serve R rows
 template <int D> constexpr int prefill_rows() { return D <= 64 ? 4 : (D == 128 ? 2 : 1); }
 
@@ -370,12 +396,14 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
         }
 #endif
         // K transposed to [D][Lp] (zero-padded) in 16 x 16 blocks, and V as fp32, once for the
-        // heads of this kv head
+        // heads of this kv head; with bf16 pairs, K's 32-bit words (pairs of values) transposed to
+        // [D/2][Lp] instead
         for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
           const int cnt = int(std::max<int64_t>(0, std::min<int64_t>(16, Lk - j0)));
-          for (int d0 = 0; d0 < D; d0 += 16) {
+          for (int d0 = 0; d0 < D / PairQK<T, D>::K; d0 += 16) {
             V16 blk[16];
-            for (int j = 0; j < 16; ++j) blk[j] = j < cnt ? load16(kcb + (j0 + j) * D + d0) : v_zero();
+            for (int j = 0; j < 16; ++j)
+              blk[j] = j < cnt ? PairQK<T, D>::load(kcb + (j0 + j) * D + PairQK<T, D>::K * d0) : v_zero();
             transpose16(blk);
             for (int d = 0; d < 16; ++d) store16(kt.data() + (d0 + d) * Lp + j0, blk[d]);
           }
@@ -396,16 +424,19 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
             // scores: R rows x 32 keys per step (2R independent FMA chains), the key tiles read
             // once per d for the R rows; scaled as they are stored
             const V16 vscale = v_set1(scale);
+            alignas(64) float qk[R][D];  // the queries as the K step takes them
+            for (int r = 0; r < R; ++r) PairQK<T, D>::query(qk[r], qf[r]);
             for (int64_t j0 = 0; j0 < n; j0 += 32) {
               V16 a0[R], a1[R];
               for (int r = 0; r < R; ++r) a0[r] = a1[r] = v_zero();
-              for (int d = 0; d < D; ++d) {
-                const V16 k0 = load16(kt.data() + d * Lp + j0);
-                const V16 k1 = load16(kt.data() + d * Lp + j0 + 16);
+              for (int d = 0; d < D / PairQK<T, D>::K; ++d) {
+                V16 k0 = load16(kt.data() + d * Lp + j0), k1 = load16(kt.data() + d * Lp + j0 + 16);
+                in_register(k0);  // one load for the R rows, not one per row (measured 1.3-1.9x)
+                in_register(k1);
                 for (int r = 0; r < R; ++r) {
-                  const V16 qd = v_set1(qf[r][d]);
-                  a0[r] = v_fmadd(qd, k0, a0[r]);
-                  a1[r] = v_fmadd(qd, k1, a1[r]);
+                  const V16 qd = v_set1(qk[r][d]);
+                  a0[r] = PairQK<T, D>::madd(qd, k0, a0[r]);
+                  a1[r] = PairQK<T, D>::madd(qd, k1, a1[r]);
                 }
               }
               for (int r = 0; r < R; ++r) {
@@ -413,7 +444,10 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
                 store16(sc.data() + r * Lp + j0 + 16, v_mul(a1[r], vscale));
               }
             }
-            // softmax of each row over its causal prefix; later keys get probability 0
+            // softmax of each row over its causal prefix; later keys get probability 0; the
+            // normalisation (1 / sum) is applied to the output row
+            float inv[R];
+            std::fill(inv, inv + R, 0.0f);
             for (int r = 0; r < rows; ++r) {
               float* s = sc.data() + r * Lp;
               const int64_t nr = start + i0 + r + 1;
@@ -428,9 +462,7 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
                 store16(s + j0, p);
                 lv = v_add(lv, p);
               }
-              const float inv = 1.0f / v_reduce_add(lv);
-              for (int64_t j0 = 0; j0 < n; j0 += 16)
-                store16(s + j0, v_mul(load16(s + j0), v_set1(inv)));
+              inv[r] = 1.0f / v_reduce_add(lv);
             }
             // out rows = P V: each value row read once for the R rows
             V16 o[R][D / 16];
@@ -439,14 +471,15 @@ static void prefill_step(const T* q, const int64_t* qs, const T* k, const int64_
             for (int64_t j = 0; j < n; ++j) {
               const float* vr = vf.data() + j * D;
               for (int c = 0; c < D / 16; ++c) {
-                const V16 x = load16(vr + 16 * c);
+                V16 x = load16(vr + 16 * c);
+                in_register(x);  // one load for the R rows
                 for (int r = 0; r < R; ++r)
                   o[r][c] = v_fmadd(v_set1(sc[r * Lp + j]), x, o[r][c]);
               }
             }
             for (int r = 0; r < rows; ++r) {
               T* dst = out + ((b * Lq + i0 + r) * H + h) * D;
-              for (int c = 0; c < D / 16; ++c) store16(dst + 16 * c, o[r][c]);
+              for (int c = 0; c < D / 16; ++c) store16(dst + 16 * c, v_mul(o[r][c], v_set1(inv[r])));
             }
           }
         }

@@ -43,6 +43,9 @@ static inline Mask v_nan(V16 x, Mask m) { return _mm512_mask_cmp_ps_mask(m, x, x
 static inline Mask v_greater(V16 a, V16 b, Mask m) { return _mm512_mask_cmp_ps_mask(m, a, b, _CMP_GT_OQ); }
 static inline float v_reduce_add(V16 x) { return _mm512_reduce_add_ps(x); }
 static inline float v_reduce_max(V16 x) { return _mm512_reduce_max_ps(x); }
+// keeps x in a register: GCC otherwise folds the load of a vector that several FMAs share into
+// each of them, a load per use
+static inline void in_register(V16& x) { __asm__("" : "+v"(x)); }
 
 static inline I16 i_set1(int32_t x) { return _mm512_set1_epi32(x); }
 static inline I16 i_lanes() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
@@ -206,6 +209,7 @@ static inline float reduce8(__m256 x, bool take_max) {
 }
 static inline float v_reduce_add(V16 x) { return reduce8(_mm256_add_ps(x.lo, x.hi), false); }
 static inline float v_reduce_max(V16 x) { return reduce8(_mm256_max_ps(x.lo, x.hi), true); }
+static inline void in_register(V16& x) { __asm__("" : "+x"(x.lo), "+x"(x.hi)); }
 
 static inline I16 i_set1(int32_t x) { return {_mm256_set1_epi32(x), _mm256_set1_epi32(x)}; }
 static inline I16 i_lanes() { return {_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)}; }
