@@ -45,6 +45,7 @@ OPTIONS: dict[str, Any] = {
     "compile": False,
     "packed_linears": True,
     "cpu_kernels": True,
+    "fast_decode": True,
 }
 
 
@@ -93,6 +94,7 @@ class LLMEngine:
         compile: bool | str = False,
         packed_linears: bool = True,
         cpu_kernels: bool = True,
+        fast_decode: bool = True,
     ) -> None:
         self._loaded: LoadedModel | None = loaded
         self.model = loaded.model
@@ -120,7 +122,7 @@ class LLMEngine:
         if self.device.type == "cpu":
             malloc.reuse_freed_memory()  # prefill activations past 32 MiB: no page faults per layer
         # compiled graphs live as long as the engine: once per worker and shape bucket, never per job
-        self.steps = StepFunctions(self.model, _compile_mode(compile))
+        self.steps = StepFunctions(self.model, _compile_mode(compile), fast_decode=fast_decode)
 
     @classmethod
     def load(
@@ -146,6 +148,9 @@ class LLMEngine:
           cpu_kernels: on the CPU, decode steps (RoPE, KV-cache write and attention in one pass),
             prompt attention, RMSNorm and the SwiGLU gate run in `workers.llm.cpu_kernels` (built
             with g++ on first use; torch's paths where that fails).
+          fast_decode: eager decode steps on those kernels run as a flat list of kernel calls over
+            buffers allocated once (`workers.llm.fast_decode`; the same bits, without the modules'
+            per-call Python), where the model's layers all run on GenMill's kernels.
         """
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
@@ -161,7 +166,7 @@ class LLMEngine:
             if not _is_int(opts[name]) or opts[name] < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {opts[name]!r}")
         _compile_mode(opts["compile"])
-        for name in ("packed_linears", "cpu_kernels"):
+        for name in ("packed_linears", "cpu_kernels", "fast_decode"):
             if not isinstance(opts[name], bool):
                 raise ValueError(f"{name} must be a bool, got {opts[name]!r}")  # noqa: TRY004
         resolve_dtype(dtype)  # reject a bad dtype before the (slow) load

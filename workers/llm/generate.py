@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from workers.llm import cpu_kernels
+from workers.llm.fast_decode import FastDecode
 from workers.llm.model import Transformer
 from workers.llm.sampling import RowRng, SamplingParams, sample
 
@@ -153,9 +154,11 @@ class StepFunctions:
     length serves every step (measured as fast as per-bucket static graphs here, within 2%, and it
     compiles once instead of once per bucket, ~30-60 s each on a 2-core machine). Only batches of
     one row are padded to two: a size-1 dimension would be specialised into a graph of its own.
+    fast_decode: eager decode steps on the CPU kernels run as a flat list of kernel calls
+    (workers.llm.fast_decode, same bits) where the model allows it.
     """
 
-    def __init__(self, model: Transformer, compile: str | None = None) -> None:
+    def __init__(self, model: Transformer, compile: str | None = None, fast_decode: bool = True) -> None:
         if compile not in (None, *COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
         self.model = model
@@ -165,6 +168,9 @@ class StepFunctions:
         self.compile_s = 0.0  # running total; generate() reports the part spent in its call
         self._decode = self._decode_eager
         self._prefill = self._prefill_eager
+        self.fast_decode = fast_decode
+        self._fast: FastDecode | None = None
+        self._fast_for = -1  # the model's cache_version that _fast (or its absence) was decided for
         if compile is not None:
             self._decode = _compiled(self._decode_eager, self.device, dynamic=not self.static_shapes)
             if compile == "all":
@@ -180,15 +186,27 @@ class StepFunctions:
         return max(n, min(2, rows))
 
     def _decode_eager(self, tokens: Tensor, input_pos: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        # the attended length travels as a tensor's size so that a compiled graph can keep it dynamic
-        zero = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        logits = self.model(tokens, input_pos, logits_index=zero, kv_len=slots.shape[0])
+        fast = None if torch.compiler.is_compiling() or tokens.shape[1] != 1 else self._fast_steps()
+        if fast is not None:
+            logits = fast(tokens, input_pos)
+        else:
+            # the attended length travels as a tensor's size so that a compiled graph can keep it dynamic
+            zero = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+            logits = self.model(tokens, input_pos, logits_index=zero, kv_len=slots.shape[0])
         # The greedy pick, inside the compiled graph. On the CPU kernels' path a one-pass kernel
         # (0.13 ms for [64, 32k] logits on 2 cores, torch's max().indices 0.6 ms; argmax is slower
         # still); all of them pick the first maximum.
         if self.model.kernels and cpu_kernels.supports_argmax(logits):
             return logits, cpu_kernels.argmax(logits)
         return logits, logits.max(dim=-1).indices
+
+    def _fast_steps(self) -> FastDecode | None:
+        """The FastDecode for the model's current KV cache (built when the cache is new), or None."""
+        if not self.fast_decode or not self.model.kernels:
+            return None
+        if self.model.cache_version != self._fast_for:
+            self._fast, self._fast_for = FastDecode.build(self.model), self.model.cache_version
+        return self._fast
 
     def _prefill_eager(
         self, tokens: Tensor, input_pos: Tensor, index: Tensor, slots: Tensor, rows: Tensor

@@ -475,6 +475,7 @@ class Transformer(nn.Module):
         self.rope_cos: Tensor | None = None
         self.rope_sin: Tensor | None = None
         self.kernels = False  # decode steps and prompt chunks in workers.llm.cpu_kernels (enable_cpu_kernels)
+        self.cache_version = 0  # counts setup_caches/release_caches: what holds cache pointers checks it
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -504,6 +505,7 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = cache
             layer.attention.rope_table = rope_table
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        self.cache_version += 1
 
     def release_caches(self) -> None:
         for layer in self.layers:
@@ -511,6 +513,7 @@ class Transformer(nn.Module):
             layer.attention.rope_table = None
         self.rope_cos = self.rope_sin = None
         self.max_batch_size = self.max_seq_length = -1
+        self.cache_version += 1
 
     def keep_rows(self, rows: Tensor, kv_len: int) -> None:
         """Compact the KV cache to the sequences in `rows` (indices into the current batch)."""
