@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 SOURCE = _CSRC / "cpu_kernels.cpp"
 HEADERS = tuple(
-    _CSRC / name for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h", "avx512_linear.h")
+    _CSRC / name
+    for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h", "avx512_linear.h", "logit_screen.h")
 )
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -104,6 +105,7 @@ _SIGNATURES = {
     "genmill_layer_norm": [_INT, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
+    "genmill_screened_argmax": [_PTR, _I64, _PTR, _PTR, _F32, _I64, _I64, _I64, _PTR, _PTR],
     "genmill_isa": [],
     "genmill_amx_available": [],
     "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
@@ -398,6 +400,33 @@ def argmax(logits: Tensor) -> Tensor:
 @argmax.op.register_fake
 def _(logits) -> Tensor:
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+def screened_argmax(x: Tensor, approx: Tensor, weight: Tensor, wmax: float) -> tuple[Tensor, Tensor]:
+    """The argmax of `x @ weight.T` as `avx512_linear` computes it in fp32 (first maximum), found from
+    `approx`, the same logits from bf16 copies of x and weight (`avx512_linear` in bf16), and
+    recomputed exactly only where the approximation's error bound leaves a doubt (see
+    csrc/logit_screen.h). x `[M, K]` fp32, approx `[M, N]` bf16, weight `[N, K]` fp32 row-major,
+    `wmax` >= every row norm of weight. Returns ids `[M]` (-1 where a value is not finite: the
+    caller computes those rows in full) and how many logits each row recomputed."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or approx.dtype != torch.bfloat16:
+        got = f"{x.dtype}, {approx.dtype}, {weight.dtype}"
+        raise TypeError(f"screened_argmax takes fp32 x, bf16 approx and fp32 weight, got {got}")
+    if approx.shape != (m, n) or weight.shape[1] != k:
+        got = f"x {tuple(x.shape)}, approx {tuple(approx.shape)}, weight {tuple(weight.shape)}"
+        raise ValueError(f"screened_argmax: shapes do not fit: {got}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    approx, weight = approx.contiguous(), weight.contiguous()
+    ids, counts = torch.empty(m, dtype=torch.int64), torch.empty(m, dtype=torch.int64)
+    done = _library().genmill_screened_argmax(
+        x.data_ptr(), x.stride(0), approx.data_ptr(), weight.data_ptr(), wmax, m, n, k, ids.data_ptr(),
+        counts.data_ptr(),
+    )  # fmt: skip
+    if not done:
+        raise RuntimeError("screened_argmax needs AVX512_BF16 (not built here)")
+    return ids, counts
 
 
 # ---- linears: shared by the three kernels below ----

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from workers.llm import cpu_kernels
+from workers.llm.logit_screen import LogitScreen
 from workers.llm.model import (
     OPT_POSITION_OFFSET,
     LayerNorm,
@@ -92,6 +93,8 @@ class FastDecode:
             self.layers.append(calls)
         self.first_norm = self._norm(model.layers[0].attention_norm, self.x, self.normed)
         self.head = model.output
+        # greedy rows of an fp32 model: the LM head in bf16, exact where it matters (logit_screen.py)
+        self.screen = LogitScreen.for_model(model) if self.dtype == torch.float32 else None
 
     @classmethod
     def build(cls, model: Transformer) -> FastDecode | None:
@@ -103,6 +106,18 @@ class FastDecode:
 
     def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """Logits `[B, V]` for `tokens [B, 1]` at `input_pos [B, 1]` (rows 0..B-1 of the cache)."""
+        n = self._layers(tokens, input_pos)
+        logits = torch.empty(n, self.vocab, dtype=self.dtype)
+        self._run(self._linear(self.head, self.normed, logits), n)
+        return logits
+
+    def greedy(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """The argmax of the logits `__call__` would return, `[B]`, through `screen` (which must be set)."""
+        n = self._layers(tokens, input_pos)
+        return self.screen(self.normed[:n])
+
+    def _layers(self, tokens: Tensor, input_pos: Tensor) -> int:
+        """Every layer and the final norm (into `normed`); returns the row count."""
         n = tokens.shape[0]
         m = self.model
         if not self.matches(m) or n > self.rows.numel():
@@ -118,9 +133,7 @@ class FastDecode:
         for calls in self.layers:
             for call in calls:
                 self._run(call, n)
-        logits = torch.empty(n, self.vocab, dtype=self.dtype)
-        self._run(self._linear(self.head, self.normed, logits), n)
-        return logits
+        return n
 
     # ---- bound calls: ROWS in the arguments stands for the row count ----
 

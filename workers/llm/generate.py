@@ -216,10 +216,18 @@ class StepFunctions:
             tokens, input_pos, logits_index=index, kv_len=slots.shape[0], cache_rows=rows, prompt_chunk=True
         )
 
-    def decode(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Logits `[B, V]` and their argmax `[B]` for one token per row at `input_pos [B, 1]`."""
+    def decode(
+        self, tokens: Tensor, input_pos: Tensor, kv_len: int, need_logits: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
+        """Logits `[B, V]` and their argmax `[B]` for one token per row at `input_pos [B, 1]`.
+        need_logits False (every row greedy): the logits may be None, where an fp32 model's flat
+        decode step picks the tokens from a bf16 LM head, exactly (workers.llm.logit_screen)."""
         if self.static_shapes:
             kv_len = self.model.max_seq_length
+        if not need_logits and self.compile is None and tokens.shape[1] == 1:
+            fast = self._fast_steps()
+            if fast is not None and fast.screen is not None:
+                return None, fast.greedy(tokens, input_pos)
         return self._timed(self._decode, tokens, input_pos, self._slots(kv_len))
 
     def prefill(self, tokens: Tensor, input_pos: Tensor, index: Tensor, kv_len: int, rows: Tensor) -> Tensor:
@@ -457,10 +465,11 @@ def _decode(
     tokens = _tensor([rows[i].tokens[-1] for i in active] + [pad_id] * pad, steps.device)[:, None]
     last = [rows[i].last_pos for i in active]
     input_pos = _tensor(last + [0] * pad, steps.device)[:, None]
-    start = time.perf_counter()
-    logits, greedy = steps.decode(tokens, input_pos, max(last) + 1)
     params, rngs = [rows[i].params for i in active], [rows[i].rng for i in active]
-    next_tokens = sample(logits[:n], params, rngs, greedy[:n]).tolist()
+    need_logits = any(rng is not None for rng in rngs)  # greedy rows take the argmax alone
+    start = time.perf_counter()
+    logits, greedy = steps.decode(tokens, input_pos, max(last) + 1, need_logits)
+    next_tokens = sample(logits[:n] if need_logits else None, params, rngs, greedy[:n]).tolist()
     stats.decode_s += time.perf_counter() - start  # .tolist() synchronised the device
     stats.decode_steps += 1
     stats.decode_tokens += n

@@ -129,14 +129,19 @@ def _truncate(logits: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Ten
 
 
 def sample(
-    logits: Tensor, params: list[SamplingParams], rngs: list[RowRng | None], greedy: Tensor | None = None
+    logits: Tensor | None,
+    params: list[SamplingParams],
+    rngs: list[RowRng | None],
+    greedy: Tensor | None = None,
 ) -> Tensor:
     """Next token per row from `logits [B, V]`; returns `[B]` int64 on the logits' device.
 
-    Greedy rows (rng None) take the argmax (`greedy`, when the caller has it already). The other rows
-    are drawn together by inverse CDF: one uniform per row from its own `RowRng`, one cumsum and one
-    searchsorted for the whole batch.
+    Greedy rows (rng None) take the argmax (`greedy`, when the caller has it already; then the logits
+    may be None if every row is greedy). The other rows are drawn together by inverse CDF: one uniform
+    per row from its own `RowRng`, one cumsum and one searchsorted for the whole batch.
     """
+    if logits is None and (greedy is None or any(rng is not None for rng in rngs)):
+        raise ValueError("sample needs the logits unless every row is greedy and their argmax is given")
     tokens = logits.argmax(dim=-1) if greedy is None else greedy
     sampled = [i for i, rng in enumerate(rngs) if rng is not None]
     if not sampled:

@@ -11,6 +11,7 @@
 //   genmill_layer_norm    (residual add +) LayerNorm, torch's
 //   genmill_silu_mul      SwiGLU's gate
 //   genmill_argmax        greedy pick
+//   genmill_screened_argmax  greedy pick of an fp32 LM head from its bf16 copy, exact
 //   genmill_amx_linear    bf16 linear on AMX tiles, a row's result independent of the row count
 //   genmill_fma_linear    fp32 linear on AVX2 + FMA tiles, the same property
 
@@ -25,6 +26,7 @@
 #include "amx_linear.h"
 #include "fma_linear.h"
 #include "avx512_linear.h"  // after vec16.h, whose masked stores it uses
+#include "logit_screen.h"
 
 // the value x takes when stored in T: identity for fp32, bf16 rounding for bf16
 static inline V16 round_to(V16 x, const float*) { return x; }
@@ -682,6 +684,17 @@ extern "C" int genmill_argmax(int is_bf16, const void* x, int64_t* out, int64_t 
   if (is_bf16) argmax_rows<bf16>((const bf16*)x, out, N, V);
   else argmax_rows<float>((const float*)x, out, N, V);
   return 0;
+}
+
+// 1: done; 0: not built here (no AVX512_BF16)
+extern "C" int genmill_screened_argmax(const float* x, int64_t sx, const void* approx, const float* w, float wmax,
+                                       int64_t M, int64_t N, int64_t K, int64_t* ids, int64_t* candidates) {
+#ifdef GENMILL_LOGIT_SCREEN
+  lscreen::screened_argmax(x, sx, (const uint16_t*)approx, w, wmax, M, N, K, ids, candidates);
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 extern "C" int genmill_silu_mul(int is_bf16, const void* h, void* y, int64_t N, int64_t I) {
