@@ -492,7 +492,15 @@ def report(
             f"above, or a prefill where one ran faster: {peaks}); roofline = the ratio a run would reach "
             "in the time the machine needs at least for the matmuls (prefill, decode projections and LM "
             "head at that best rate) plus the decode steps' KV-cache reads (at the read bandwidth above), "
-            "without overlapping the two):"
+            "without overlapping the two"
+            + (
+                "; in float32 here, all-greedy decode steps pick their tokens from a bf16 copy of the LM "
+                "head, exactly (workers/llm/logit_screen.py, eager mode), and their LM head is still "
+                "counted as fp32 work, so float32 decode GFLOP/s and roofline are fp32-equivalent figures"
+                if avx512_linear_available(torch.bfloat16) and not amx_available()
+                else ""
+            )
+            + "):"
         ),
         "",
         (
