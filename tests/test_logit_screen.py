@@ -132,3 +132,14 @@ def test_greedy_generation_is_unchanged_and_sampled_rows_keep_the_full_head(tmp_
             assert screen is not None and screen.recomputed > 0
     assert outputs[True, "greedy"] == outputs[False, "greedy"]
     assert outputs[True, "mixed"] == outputs[False, "mixed"]
+
+
+def test_a_plan_rebuilt_for_a_bigger_cache_keeps_the_screen(tmp_path):
+    # the screen depends on the weights only: a new KV cache must not re-pack the LM head
+    folder = build_tiny_checkpoint(tmp_path / "opt", arch="opt", num_hidden_layers=2)
+    engine = LLMEngine.load(folder, dtype="float32", max_batch_size=4)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    engine.generate([GenRequest(prompt_ids=[5, 6], params=params)])
+    first = engine.steps._fast
+    engine.generate([GenRequest(prompt_ids=[5, 6, 7 + i], params=params) for i in range(4)])
+    assert engine.steps._fast is not first and engine.steps._fast.screen is first.screen is not None

@@ -43,7 +43,7 @@ class FastDecode:
     Bound to the model's current KV cache and RoPE tables: `matches(model)` tells whether they are
     still the ones it was built for (setup_caches reallocates them, counted by `cache_version`)."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, screen: LogitScreen | None = None) -> None:
         self.model = model
         a = model.args
         self.lib = cpu_kernels._library()
@@ -93,13 +93,18 @@ class FastDecode:
             self.layers.append(calls)
         self.first_norm = self._norm(model.layers[0].attention_norm, self.x, self.normed)
         self.head = model.output
-        # greedy rows of an fp32 model: the LM head in bf16, exact where it matters (logit_screen.py)
-        self.screen = LogitScreen.for_model(model) if self.dtype == torch.float32 else None
+        # greedy rows of an fp32 model: the LM head in bf16, exact where it matters (logit_screen.py);
+        # it depends on the weights only, so a plan rebuilt for a new cache takes the old one's
+        if screen is not None and screen.head is model.output:
+            self.screen: LogitScreen | None = screen
+        else:
+            self.screen = LogitScreen.for_model(model) if self.dtype == torch.float32 else None
 
     @classmethod
-    def build(cls, model: Transformer) -> FastDecode | None:
-        """A FastDecode for `model`, or None where it does not apply (see the module docstring)."""
-        return cls(model) if supports(model) else None
+    def build(cls, model: Transformer, screen: LogitScreen | None = None) -> FastDecode | None:
+        """A FastDecode for `model`, or None where it does not apply (see the module docstring);
+        `screen`: a previous plan's, reused if it is for this model's LM head."""
+        return cls(model, screen) if supports(model) else None
 
     def matches(self, model: Transformer) -> bool:
         return model is self.model and model.cache_version == self.cache_version

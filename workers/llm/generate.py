@@ -205,7 +205,8 @@ class StepFunctions:
         if not self.fast_decode or not self.model.kernels:
             return None
         if self.model.cache_version != self._fast_for:
-            self._fast, self._fast_for = FastDecode.build(self.model), self.model.cache_version
+            screen = None if self._fast is None else self._fast.screen
+            self._fast, self._fast_for = FastDecode.build(self.model, screen), self.model.cache_version
         return self._fast
 
     def _prefill_eager(

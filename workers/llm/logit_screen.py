@@ -29,7 +29,9 @@ class LogitScreen:
         self.head = head
         self.weight = weight.detach().contiguous()
         self.packed = cpu_kernels.avx512_pack(self.weight.bfloat16())
-        self.wmax = _float32_up(self.weight.double().norm(dim=1).max().item())
+        # the largest row norm, in float64 a block of rows at a time (not a float64 copy of the head)
+        blocks = self.weight.split(4096)
+        self.wmax = _float32_up(max(b.double().norm(dim=1).max().item() for b in blocks))
         self.recomputed = 0  # logits recomputed exactly so far (a measure of the screen's work)
 
     @classmethod
