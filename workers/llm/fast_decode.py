@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from workers.llm import cpu_kernels
+from workers.llm.cpu_kernels import _ptr
 from workers.llm.logit_screen import LogitScreen
 from workers.llm.model import (
     OPT_POSITION_OFFSET,
@@ -188,10 +189,6 @@ class FastDecode:
         return self.lib.genmill_layer_norm, args
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None or t.numel() == 0 else t.data_ptr()
-
-
 def _kernel_linear(lin: nn.Module, dtype: torch.dtype) -> bool:
     """A PackedLinear on one of GenMill's kernels, its input and output in the model dtype."""
     if not isinstance(lin, PackedLinear) or lin.widened:
@@ -204,11 +201,7 @@ def _kernel_linear(lin: nn.Module, dtype: torch.dtype) -> bool:
 
 
 def _kernel_norm(norm: nn.Module | None, dtype: torch.dtype) -> bool:
-    if isinstance(norm, RMSNorm):
-        return norm.kernel and norm.weight.dtype == dtype
-    if isinstance(norm, LayerNorm):
-        return norm.kernel and (norm.weight is None or norm.weight.dtype == dtype)
-    return False
+    return isinstance(norm, (RMSNorm, LayerNorm)) and norm.runs_kernel(dtype)
 
 
 def supports(model: Transformer) -> bool:

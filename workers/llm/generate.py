@@ -186,13 +186,11 @@ class StepFunctions:
         return max(n, min(2, rows))
 
     def _decode_eager(self, tokens: Tensor, input_pos: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        fast = None if torch.compiler.is_compiling() or tokens.shape[1] != 1 else self._fast_steps()
-        if fast is not None:
-            logits = fast(tokens, input_pos)
-        else:
-            # the attended length travels as a tensor's size so that a compiled graph can keep it dynamic
-            zero = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-            logits = self.model(tokens, input_pos, logits_index=zero, kv_len=slots.shape[0])
+        # the attended length travels as a tensor's size so that a compiled graph can keep it dynamic
+        zero = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        return self._with_argmax(self.model(tokens, input_pos, logits_index=zero, kv_len=slots.shape[0]))
+
+    def _with_argmax(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         # The greedy pick, inside the compiled graph. On the CPU kernels' path a one-pass kernel
         # (0.13 ms for [64, 32k] logits on 2 cores, torch's max().indices 0.6 ms; argmax is slower
         # still); all of them pick the first maximum.
@@ -221,14 +219,16 @@ class StepFunctions:
         self, tokens: Tensor, input_pos: Tensor, kv_len: int, need_logits: bool = True
     ) -> tuple[Tensor | None, Tensor]:
         """Logits `[B, V]` and their argmax `[B]` for one token per row at `input_pos [B, 1]`.
+        Eager steps run the flat kernel list where it covers the model (workers.llm.fast_decode).
         need_logits False (every row greedy): the logits may be None, where an fp32 model's flat
         decode step picks the tokens from a bf16 LM head, exactly (workers.llm.logit_screen)."""
         if self.static_shapes:
             kv_len = self.model.max_seq_length
-        if not need_logits and self.compile is None and tokens.shape[1] == 1:
-            fast = self._fast_steps()
-            if fast is not None and fast.screen is not None:
+        fast = self._fast_steps() if self.compile is None and tokens.shape[1] == 1 else None
+        if fast is not None:
+            if not need_logits and fast.screen is not None:
                 return None, fast.greedy(tokens, input_pos)
+            return self._with_argmax(fast(tokens, input_pos))
         return self._timed(self._decode, tokens, input_pos, self._slots(kv_len))
 
     def prefill(self, tokens: Tensor, input_pos: Tensor, index: Tensor, kv_len: int, rows: Tensor) -> Tensor:

@@ -153,12 +153,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.kernel = False  # one pass in workers.llm.cpu_kernels (see enable_cpu_kernels)
 
-    def runs_kernel(self, x: Tensor) -> bool:
-        # the kernel reads the weight in x's dtype
-        return self.kernel and self.weight.dtype == x.dtype
+    def runs_kernel(self, dtype: torch.dtype) -> bool:
+        # the kernel reads the weight in the input's dtype
+        return self.kernel and self.weight.dtype == dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.runs_kernel(x):
+        if self.runs_kernel(x.dtype):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # normalise in float32 and cast back before the weight, as transformers does (matters for bf16)
         x32 = x.float()
@@ -173,12 +173,12 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, elementwise_affine=elementwise_affine)
         self.kernel = False
 
-    def runs_kernel(self, x: Tensor) -> bool:
-        # the kernel reads weight and bias in x's dtype
-        return self.kernel and (self.weight is None or self.weight.dtype == x.dtype)
+    def runs_kernel(self, dtype: torch.dtype) -> bool:
+        # the kernel reads weight and bias in the input's dtype
+        return self.kernel and (self.weight is None or self.weight.dtype == dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.runs_kernel(x):
+        if self.runs_kernel(x.dtype):
             return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
@@ -445,9 +445,9 @@ class TransformerBlock(nn.Module):
     def _add_norm(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         """(x + delta, ffn_norm(x + delta)): one kernel pass when the norm runs in cpu_kernels."""
         norm = self.ffn_norm
-        if isinstance(norm, RMSNorm) and norm.runs_kernel(x):
+        if isinstance(norm, RMSNorm) and norm.runs_kernel(x.dtype):
             return cpu_kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
-        if isinstance(norm, LayerNorm) and norm.runs_kernel(x):
+        if isinstance(norm, LayerNorm) and norm.runs_kernel(x.dtype):
             return cpu_kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
         h = x + delta
         return h, norm(h)
