@@ -198,6 +198,11 @@ class StepFunctions:
             return logits, cpu_kernels.argmax(logits)
         return logits, logits.max(dim=-1).indices
 
+    def prepare_decode(self) -> None:
+        """Build the flat decode plan for the model's current cache now, if it will be used."""
+        if self.compile is None:
+            self._fast_steps()
+
     def _fast_steps(self) -> FastDecode | None:
         """The FastDecode for the model's current KV cache (built when the cache is new), or None."""
         if not self.fast_decode or not self.model.kernels:
@@ -400,6 +405,9 @@ def generate(
     rows = [_Row(list(p), sp, eos_ids, detokenize) for p, sp in zip(prompts, params)]
     capacity = min(max_batch_size or len(rows), len(rows))
     ensure_caches(model, capacity, max(cache_seq_len or 0, max(r.total_len for r in rows)))
+    # the flat decode plan's buffers, if the cache is new, before the prefill's big activations:
+    # allocated between those blocks once they are freed, they would keep the heap from reusing them
+    steps.prepare_decode()
     batch = _Batch(rows, capacity)
     stats = GenerationStats(prompt_tokens=sum(r.prompt_len for r in rows))
     compile_before = steps.compile_s
