@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(malloc._libc() is None, reason="not glibc: nothi
 # A prefill whose widest activation passes glibc's 32 MiB mmap ceiling: 16 prompts x 128 tokens
 # through a gate/up projection 2 x 2048 wide in fp32 is 2048 rows x 16 KiB = 32 MiB, and the
 # attention's and MLP's other buffers come and go around it, layer after layer. Prints the mode
-# and the page faults of the third identical generate call: the heap can still grow during the
-# second (how freed blocks coalesce depends on the order the first call freed them in), and what
-# the setting promises is the steady state after that.
+# and the median page faults of calls 2-6 of the same generate: the heap can still grow in an
+# occasional call (how freed blocks coalesce depends on the order earlier calls freed them in, and
+# small long-lived blocks can land between them), and what the setting promises is the steady state.
 _PREFILL = """
 import resource
 from workers.llm import malloc
@@ -31,14 +31,16 @@ engine = LLMEngine.load(folder, max_batch_size=16, prefill_chunk_tokens=2048)
 params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
 requests = [GenRequest(prompt_ids=[5 + i] * 128, params=params) for i in range(16)]
 engine.generate(requests)
-engine.generate(requests)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-engine.generate(requests)
-print(malloc.mode(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    engine.generate(requests)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(malloc.mode(), sorted(faults)[2])
 """
 
 
-def _third_prefill(folder: Path, setup: str = "") -> tuple[str, int]:
+def _steady_prefill(folder: Path, setup: str = "") -> tuple[str, int]:
     code = textwrap.dedent(_PREFILL.format(setup=setup, folder=str(folder)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -47,11 +49,11 @@ def _third_prefill(folder: Path, setup: str = "") -> tuple[str, int]:
 
 
 def test_the_engine_reuses_prefill_activations_instead_of_faulting_them_in_again(tmp_path):
-    mode, faults = _third_prefill(tmp_path / "m")
+    mode, faults = _steady_prefill(tmp_path / "m")
     assert mode == "reuse" and faults < 2_000, faults
     # glibc's own settings, for contrast: the same call maps its big blocks afresh (tens of
     # thousands of page faults), which is what the engine's setting removes
-    mode, faults = _third_prefill(tmp_path / "m", "malloc.reuse_freed_memory = lambda: 'default'")
+    mode, faults = _steady_prefill(tmp_path / "m", "malloc.reuse_freed_memory = lambda: 'default'")
     assert mode == "default" and faults > 8_000, faults
 
 
