@@ -255,8 +255,8 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> float:
 
 
 def _avx512_kernel() -> bool:
-    """Whether the engine's packed linears run GenMill's AVX-512 kernel here (see PackedLinear)."""
-    return avx512_linear_available(torch.float32) and not amx_available()
+    """Whether the engine's fp32 packed linears run GenMill's AVX-512 kernel here (see PackedLinear)."""
+    return avx512_linear_available(torch.float32)
 
 
 @dataclass
@@ -449,7 +449,7 @@ def report(
             "**Machine matmul throughput** (GFLOP/s, measured in this run; best of repeated calls; the "
             "engine's packed linear is oneDNN with a packed weight, or in fp32 on a CPU without AVX-512 "
             f"GenMill's AVX2 FMA tile kernel{' (the case here)' if fma_linear_available() else ''}; "
-            "in fp32 and bf16 on an AVX-512 CPU without AMX, GenMill's AVX-512 tile kernel"
+            "in fp32 on an AVX-512 CPU and in bf16 on one without AMX, GenMill's AVX-512 tile kernel"
             f"{' (the case here)' if _avx512_kernel() else ''}; in bf16, GenMill's AMX tile kernel "
             f"on a CPU with AMX{' (the case here)' if amx_available() else ''}, and fp32 on a weight "
             "widened once on a CPU without bf16 instructions"

@@ -649,13 +649,15 @@ class PackedLinear(nn.Module):
     than oneDNN's fp32 kernels, prompt-sized ones from equal to ~7% slower (csrc/fma_linear.h), and
     it too sums each output in one fixed order, whatever the row count.
 
-    fp32 and bf16 on an AVX-512 CPU without AMX (bf16 where it has AVX512_BF16):
+    fp32 on any AVX-512 CPU, and bf16 on one without AMX (where it has AVX512_BF16):
     `cpu_kernels.avx512_linear`, on a weight packed into panels of 48 output columns. Measured on a
     Zen 5 EPYC: decode-step linears, whose weights stream from memory, 10-20% faster than oneDNN's;
     prompt-sized ones even in fp32 and 2-8% slower in bf16 (csrc/avx512_linear.h). Its rows, too,
-    come out the same whatever the row count, which oneDNN's bf16 kernels do not promise.
-    fp32 on an AMX CPU stays with oneDNN: an AVX-512 FMA tile measured there was even with it at
-    decode shapes and 13% slower at prompt shapes (this kernel is not measured there yet).
+    come out the same whatever the row count, which oneDNN's bf16 kernels do not promise. On an
+    AMX Xeon (fp32 has no tiles there) it measured 2-8% faster than oneDNN at decode shapes, 25% on
+    an LM head, and 7-17% slower on prompt-sized ones alone; whole OPT-125m fp32 runs at batch 64
+    came out 6% faster, the decode steps 9% (with the flat decode steps and the LM-head screen that
+    the kernel enables, workers/llm/fast_decode.py).
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
@@ -668,12 +670,8 @@ class PackedLinear(nn.Module):
         self.amx = weight.dtype == torch.bfloat16 and not self.widened and cpu_kernels.amx_available()
         # fp32 on a CPU without AVX-512: GenMill's FMA tile kernel (faster than oneDNN's there)
         self.fma = (weight.dtype == torch.float32 or self.widened) and cpu_kernels.fma_linear_available()
-        # fp32 or bf16 on an AVX-512 CPU without AMX: GenMill's AVX-512 tile kernel
-        self.avx512 = (
-            not self.widened
-            and not cpu_kernels.amx_available()
-            and cpu_kernels.avx512_linear_available(weight.dtype)
-        )
+        # fp32 on an AVX-512 CPU, bf16 on one without AMX: GenMill's AVX-512 tile kernel
+        self.avx512 = not self.widened and not self.amx and cpu_kernels.avx512_linear_available(weight.dtype)
         if self.widened:
             weight, bias = weight.float(), None if bias is None else bias.float()
         if self.amx:
