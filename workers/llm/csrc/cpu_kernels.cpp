@@ -182,6 +182,23 @@ static inline void store_item(bf16* out, const V16* acc, float inv) {
 // do (measured on AMD Zen 4, 2 cores: 20 vs 33 GB/s). Register budget: G * D / 16 accumulators.
 template <int D> constexpr int decode_group() { return D >= 256 ? 1 : (D == 128 ? 2 : 4); }
 
+// How many keys ahead each stream's K and V rows are prefetched into L1, 0 for none. On the AMX
+// Xeons (the -march=native build defines __AMX_TILE__) a bf16 cache's attention measured 15% faster
+// with 8 (4: 9%, 12-32: 12-15%), fp32 even; on AMD Zen 5 a cross-group prefetch measured within
+// noise and this one is not measured, so it stays off there.
+template <typename T>
+constexpr int decode_prefetch_keys() {
+#ifdef __AMX_TILE__
+  return sizeof(T) == 2 ? 8 : 0;
+#else
+  return 0;
+#endif
+}
+template <typename T, int D>
+static inline void prefetch_row(const T* p) {
+  for (int i = 0; i < int(D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T0);
+}
+
 // one item's query, its K/V blocks and key count
 template <typename T, int D>
 struct DecodeItem {
@@ -200,7 +217,7 @@ template <typename T, int D>
 static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T* v, int64_t sv, T* kc, T* vc,
                         const int64_t* rows, const int64_t* pos, const float* cos, const float* sin, T* out,
                         int64_t B, int64_t H, int64_t Hkv, int64_t S, float q_scale, float scale) {
-  constexpr int G = decode_group<D>();
+  constexpr int G = decode_group<D>(), PF = decode_prefetch_keys<T>();
   const int64_t group = H / Hkv, items = B * H, groups = (items + G - 1) / G;
   const int64_t Sp = (S + 15) / 16 * 16;
   const V16 vscale = v_set1(scale);
@@ -249,7 +266,10 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
         alignas(64) V16 part[G][16];
         if (s0 + 16 <= common) {
           for (int j = 0; j < 16; ++j)
-            for (int g = 0; g < G; ++g) part[g][j] = dot_partial<D>(it[g].qv, it[g].kp + (s0 + j) * D);
+            for (int g = 0; g < G; ++g) {
+              if (PF) prefetch_row<T, D>(it[g].kp + std::min<int64_t>(s0 + j + PF, common - 1) * D);
+              part[g][j] = dot_partial<D>(it[g].qv, it[g].kp + (s0 + j) * D);
+            }
         } else {
           for (int j = 0; j < 16; ++j)
             for (int g = 0; g < G; ++g)
@@ -285,7 +305,10 @@ static void decode_step(const T* q, int64_t sq, const T* k, int64_t sk, const T*
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < D / 16; ++c) acc[g][c] = v_zero();
       for (int64_t j = 0; j < common; ++j)
-        for (int g = 0; g < G; ++g) add_row<D>(acc[g], sc[g * Sp + j], it[g].vp + j * D);
+        for (int g = 0; g < G; ++g) {
+          if (PF) prefetch_row<T, D>(it[g].vp + std::min<int64_t>(j + PF, common - 1) * D);
+          add_row<D>(acc[g], sc[g * Sp + j], it[g].vp + j * D);
+        }
       for (int g = 0; g < g_n; ++g)
         for (int64_t j = common; j < it[g].n; ++j) add_row<D>(acc[g], sc[g * Sp + j], it[g].vp + j * D);
       for (int g = 0; g < g_n; ++g) store_item<D>(out + (gi * G + g) * D, acc[g], inv[g]);
