@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(malloc._libc() is None, reason="not glibc: nothi
 # A prefill whose widest activation passes glibc's 32 MiB mmap ceiling: 16 prompts x 128 tokens
 # through a gate/up projection 2 x 2048 wide in fp32 is 2048 rows x 16 KiB = 32 MiB, and the
 # attention's and MLP's other buffers come and go around it, layer after layer. Prints the mode
-# and the median page faults of calls 2-6 of the same generate: the heap can still grow in an
-# occasional call (how freed blocks coalesce depends on the order earlier calls freed them in, and
-# small long-lived blocks can land between them), and what the setting promises is the steady state.
+# and the median page faults of calls 4-10 of the same generate: the heap can still grow in an
+# occasional call, mostly among the first few (how freed blocks coalesce depends on the order
+# earlier calls freed them in, and small long-lived blocks can land between them; seen: 4-8
+# thousand faults in one or two of calls 2-6, in about one run in three), and what the setting
+# promises is the steady state.
 _PREFILL = """
 import resource
 from workers.llm import malloc
@@ -30,13 +32,14 @@ folder = build_tiny_checkpoint({folder!r}, "llama", intermediate_size=2048, num_
 engine = LLMEngine.load(folder, max_batch_size=16, prefill_chunk_tokens=2048)
 params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
 requests = [GenRequest(prompt_ids=[5 + i] * 128, params=params) for i in range(16)]
-engine.generate(requests)
+for _ in range(3):
+    engine.generate(requests)
 faults = []
-for _ in range(5):
+for _ in range(7):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     engine.generate(requests)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(malloc.mode(), sorted(faults)[2])
+print(malloc.mode(), sorted(faults)[3])
 """
 
 
