@@ -55,8 +55,7 @@ def test_exact_and_near_ties_resolve_as_the_fp32_argmax_does():
     screen = _screen(w)
     picks = screen(x)
     assert torch.equal(picks, _fp32_argmax(x, w))
-    ids, counts = cpu_kernels.screened_argmax(x, cpu_kernels.avx512_linear(x.bfloat16(), screen.packed, None, v, False),
-                                              w, screen.wmax)  # fmt: skip
+    ids, counts = cpu_kernels.screened_argmax(x, screen.approx(x), w, screen.wmax)
     assert torch.equal(ids, picks) and counts[0] >= 4  # the near-tied rows were all recomputed
 
 
@@ -70,7 +69,7 @@ def test_a_crowd_of_logits_closer_than_bf16_can_tell_apart_still_gives_the_fp32_
     w = torch.cat([base + 1e-3 * torch.randn(400, k, generator=g), torch.randn(600, k, generator=g)])
     x = torch.stack([base, base * 3 + 0.01 * torch.randn(k, generator=g)])
     screen = _screen(w)
-    approx = cpu_kernels.avx512_linear(x.bfloat16(), screen.packed, None, w.shape[0], False)
+    approx = screen.approx(x)
     assert not torch.equal(cpu_kernels.argmax(approx), _fp32_argmax(x, w))  # bf16 alone gets it wrong
     assert torch.equal(screen(x), _fp32_argmax(x, w))
     assert screen.recomputed >= 2 * 100
@@ -86,7 +85,7 @@ def test_a_row_that_bf16_ranks_second_is_picked_when_fp32_ranks_it_first():
     w[3, : k // 2], w[3, k // 2 :] = 1 + 2.0**-7, 1 + 2.0**-8 - eps
     x = torch.ones(1, k)
     screen = _screen(w)
-    approx = cpu_kernels.avx512_linear(x.bfloat16(), screen.packed, None, 8, False)
+    approx = screen.approx(x)
     assert approx[0, 1].item() == 129 and approx[0, 3].item() == 128
     assert _fp32_argmax(x, w).item() == 3
     assert screen(x).item() == 3
@@ -98,7 +97,7 @@ def test_a_row_with_an_infinity_takes_the_full_head():
     x = torch.randn(3, 32, generator=g)
     x[1, 4] = float("inf")
     screen = _screen(w)
-    approx = cpu_kernels.avx512_linear(x.bfloat16(), screen.packed, None, 200, False)
+    approx = screen.approx(x)
     ids, _ = cpu_kernels.screened_argmax(x, approx, w, screen.wmax)
     assert ids[1] == -1 and ids[0] >= 0 and ids[2] >= 0
     assert torch.equal(screen(x), _fp32_argmax(x, w))

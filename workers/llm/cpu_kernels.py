@@ -26,11 +26,13 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ _CSRC = Path(__file__).parent / "csrc"
 SOURCE = _CSRC / "cpu_kernels.cpp"
 HEADERS = tuple(
     _CSRC / name
-    for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h", "avx512_linear.h", "logit_screen.h")
+    for name in ("vec16.h", "amx_linear.h", "amx_attention.h", "fma_linear.h", "avx512_linear.h", "logit_screen.h", "int8_screen.h")
 )
 HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -106,6 +108,7 @@ _SIGNATURES = {
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_screened_argmax": [_PTR, _I64, _PTR, _PTR, _F32, _I64, _I64, _I64, _PTR, _PTR],
+    "genmill_int8_screen": [_PTR, _I64] + [_PTR] * 7 + [_F32, _I64, _I64, _I64, _PTR, _PTR],
     "genmill_isa": [],
     "genmill_amx_available": [],
     "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
@@ -427,6 +430,113 @@ def screened_argmax(x: Tensor, approx: Tensor, weight: Tensor, wmax: float) -> t
     if not done:
         raise RuntimeError("screened_argmax needs AVX512_BF16 (not built here)")
     return ids, counts
+
+
+@dataclass(frozen=True)
+class Int8Head:
+    """The int8 copy of a bf16 LM head `[N, K]` that `int8_screened_argmax` reads (csrc/int8_screen.h):
+    W ~ scale * wq per column, wq packed in `avx512_linear`'s panels of 4-byte K steps, and the
+    per-column terms of the error bound."""
+
+    wq: Tensor  # int8, flat
+    colsum: Tensor  # int32 [N]: 128 x each column's int8 sum
+    scale: Tensor  # fp32 [N]
+    # per panel of 48 columns, rounded up: the largest scale, sum |W_v| and |W_v - scale_v wq_v|_2
+    scale_max: Tensor
+    l1: Tensor
+    err2: Tensor
+    tiny: float  # covers the bf16 products VDPBF16PS flushes to zero
+    n: int
+    k: int
+
+
+@functools.cache
+def int8_screen_available() -> bool:
+    """Whether `int8_screened_argmax` runs here: the AVX-512 build on a CPU with AVX512_VNNI and
+    AVX512_BF16."""
+    lib = _library()
+    if lib is None or not avx512_linear_available(torch.bfloat16):
+        return False
+    head = int8_screen_pack(torch.ones(1, 4, dtype=torch.bfloat16))
+    x = w = torch.ones(1, 4, dtype=torch.bfloat16)
+    return _int8_screen(x, head, w)[0] == 0
+
+
+def int8_screen_pack(weight: Tensor, block: int = 4096) -> Int8Head:
+    """A bf16 head `[N, K]` (K even) -> its `Int8Head` (per-column symmetric int8, the bound terms
+    in float64 and rounded up to fp32; `block` rows at a time)."""
+    n, k = weight.shape
+    if weight.dtype != torch.bfloat16 or k % 2:
+        raise ValueError(f"int8_screen_pack takes a bf16 weight with an even K, got {weight.dtype} {(n, k)}")
+    kq = -(-k // 4) * 4
+    parts: dict[str, list[Tensor]] = {"q": [], "scale": [], "l1": [], "err2": []}
+    wmax = 0.0
+    for w in weight.split(block):
+        w = w.double()  # bf16 values, exactly
+        amax = w.abs().amax(dim=1)
+        wmax = max(wmax, amax.max().item())
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).float()
+        q = torch.round(w / scale.double()[:, None]).clamp(-127, 127)
+        parts["q"].append(q.to(torch.int8))
+        parts["scale"].append(scale)
+        parts["l1"].append(_float32_up(w.abs().sum(dim=1)))
+        parts["err2"].append(_float32_up((w - scale.double()[:, None] * q).norm(dim=1)))
+    q = torch.nn.functional.pad(torch.cat(parts["q"]), (0, kq - k))
+    packed = torch.cat([p.view(p.shape[0], -1, 4).transpose(0, 1).reshape(-1) for p in q.split(AVX512_PANEL)])
+    scale = torch.cat(parts["scale"])
+
+    def per_panel(values: Tensor) -> Tensor:
+        return torch.stack([p.max() for p in values.split(AVX512_PANEL)]).contiguous()
+
+    return Int8Head(
+        wq=packed,
+        colsum=(q.sum(dim=1, dtype=torch.int32) * 128).contiguous(),
+        scale=scale,
+        scale_max=per_panel(scale),
+        l1=per_panel(torch.cat(parts["l1"])),
+        err2=per_panel(torch.cat(parts["err2"])),
+        tiny=float(_float32_up(torch.tensor(2.0**-100 * k * (1 + wmax), dtype=torch.float64))),
+        n=n,
+        k=k,
+    )
+
+
+def int8_screened_argmax(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The argmax of `x @ weight.T` as `avx512_linear` computes it in bf16 (first maximum), found
+    from `head`, the int8 copy of `weight`, and recomputed exactly only where the copy's error bound
+    leaves a doubt (see csrc/int8_screen.h). x `[M, K]` bf16, weight `[N, K]` bf16 row-major (under
+    2 GiB: the exact pass addresses it with 32-bit offsets). Returns ids `[M]` (-1 where a value is
+    not finite or too many logits were in doubt: the caller computes those rows in full) and how
+    many logits each row recomputed."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2:
+        got = f"x {x.dtype} {tuple(x.shape)}, weight {weight.dtype}"
+        raise TypeError(f"int8_screened_argmax takes bf16 x [M, K] and weight, got {got}")
+    if x.shape[1] != head.k or weight.shape != (head.n, head.k) or weight.numel() * 2 >= 2**31:
+        got = f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, head {head.n}x{head.k}"
+        raise ValueError(f"int8_screened_argmax: shapes do not fit: {got}")
+    status, ids, kept = _int8_screen(x, head, weight.contiguous())
+    if status != 0:
+        raise RuntimeError("int8_screened_argmax needs AVX512_VNNI and AVX512_BF16 (not built here)")
+    return ids, kept
+
+
+def _int8_screen(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[int, Tensor, Tensor]:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m = x.shape[0]
+    ids, kept = torch.empty(m, dtype=torch.int64), torch.empty(m, dtype=torch.int64)
+    status = _library().genmill_int8_screen(
+        x.data_ptr(), x.stride(0), head.wq.data_ptr(), head.colsum.data_ptr(), head.scale.data_ptr(),
+        head.scale_max.data_ptr(), head.l1.data_ptr(), head.err2.data_ptr(), weight.data_ptr(), head.tiny, m,
+        head.n, head.k,
+        ids.data_ptr(), kept.data_ptr(),
+    )  # fmt: skip
+    return status, ids, kept
+
+
+def _float32_up(value: Tensor) -> Tensor:
+    """float64 values -> the smallest float32 values >= them."""
+    f = value.float()
+    return torch.where(f.double() < value, torch.nextafter(f, torch.tensor(math.inf)), f)
 
 
 # ---- linears: shared by the three kernels below ----

@@ -150,9 +150,10 @@ class LLMEngine:
             with g++ on first use; torch's paths where that fails).
           fast_decode: eager decode steps on those kernels run as a flat list of kernel calls over
             buffers allocated once (`workers.llm.fast_decode`; the same bits, without the modules'
-            per-call Python), where the model's layers all run on GenMill's kernels; for an fp32
-            model on an AVX512_BF16 CPU, an all-greedy step also picks its tokens from a bf16 copy
-            of the LM head, exactly (`workers.llm.logit_screen`).
+            per-call Python), where the model's layers all run on GenMill's kernels; an all-greedy
+            step also picks its tokens from a cheaper copy of the LM head, exactly, where one
+            applies (`workers.llm.logit_screen`: bf16 for an fp32 head on an AVX512_BF16 CPU, int8
+            for a bf16 head on an AVX512_VNNI CPU without AMX).
         """
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workers.llm import cpu_kernels
+from workers.llm import cpu_kernels, logit_screen
 from workers.llm.cpu_kernels import _ptr
-from workers.llm.logit_screen import LogitScreen
+from workers.llm.logit_screen import Screen
 from workers.llm.model import (
     OPT_POSITION_OFFSET,
     LayerNorm,
@@ -44,7 +44,7 @@ class FastDecode:
     Bound to the model's current KV cache and RoPE tables: `matches(model)` tells whether they are
     still the ones it was built for (setup_caches reallocates them, counted by `cache_version`)."""
 
-    def __init__(self, model: Transformer, screen: LogitScreen | None = None) -> None:
+    def __init__(self, model: Transformer, screen: Screen | None = None) -> None:
         self.model = model
         a = model.args
         self.lib = cpu_kernels._library()
@@ -94,15 +94,15 @@ class FastDecode:
             self.layers.append(calls)
         self.first_norm = self._norm(model.layers[0].attention_norm, self.x, self.normed)
         self.head = model.output
-        # greedy rows of an fp32 model: the LM head in bf16, exact where it matters (logit_screen.py);
-        # it depends on the weights only, so a plan rebuilt for a new cache takes the old one's
+        # greedy rows: the LM head from a cheaper copy, exact where it matters (logit_screen.py); it
+        # depends on the weights only, so a plan rebuilt for a new cache takes the old one's
         if screen is not None and screen.head is model.output:
-            self.screen: LogitScreen | None = screen
+            self.screen: Screen | None = screen
         else:
-            self.screen = LogitScreen.for_model(model) if self.dtype == torch.float32 else None
+            self.screen = logit_screen.for_model(model)
 
     @classmethod
-    def build(cls, model: Transformer, screen: LogitScreen | None = None) -> FastDecode | None:
+    def build(cls, model: Transformer, screen: Screen | None = None) -> FastDecode | None:
         """A FastDecode for `model`, or None where it does not apply (see the module docstring);
         `screen`: a previous plan's, reused if it is for this model's LM head."""
         return cls(model, screen) if supports(model) else None

@@ -225,8 +225,8 @@ class StepFunctions:
     ) -> tuple[Tensor | None, Tensor]:
         """Logits `[B, V]` and their argmax `[B]` for one token per row at `input_pos [B, 1]`.
         Eager steps run the flat kernel list where it covers the model (workers.llm.fast_decode).
-        need_logits False (every row greedy): the logits may be None, where an fp32 model's flat
-        decode step picks the tokens from a bf16 LM head, exactly (workers.llm.logit_screen)."""
+        need_logits False (every row greedy): the logits may be None, where the flat decode step
+        picks the tokens from a cheaper copy of the LM head, exactly (workers.llm.logit_screen)."""
         if self.static_shapes:
             kv_len = self.model.max_seq_length
         fast = self._fast_steps() if self.compile is None and tokens.shape[1] == 1 else None

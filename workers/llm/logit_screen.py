@@ -1,8 +1,11 @@
-"""Greedy picks for an fp32 LM head from a bf16 copy of it, exact.
+"""Greedy picks for an LM head from a cheaper copy of it, exact: an fp32 head from a bf16 copy
+(`LogitScreen`), a bf16 head from an int8 one (`Int8LogitScreen`); `for_model` picks the one that
+applies.
 
-On an AVX-512 CPU with bf16 instructions a bf16 matmul runs about twice the fp32 rate, and the LM
-head is the widest matmul of a decode step (a fifth of an OPT-125m fp32 step). A greedy row needs
-only the argmax of its logits, so the head runs in bf16 and the few logits whose bf16 value leaves
+On an AVX-512 CPU with bf16 instructions a bf16 matmul runs about twice the fp32 rate (on AMX tiles
+five times), and the LM head is the widest matmul of a decode step (a fifth of an OPT-125m fp32
+step). A greedy row needs only the argmax of its logits, so the head runs in bf16 (AMX tiles where
+the CPU has them, else VDPBF16PS) and the few logits whose bf16 value leaves
 a doubt (within the approximation's rigorous error bound of the best one) are recomputed exactly in
 fp32, in the order GenMill's AVX-512 linear sums them: the pick is the token the fp32 logits would
 give, first maximum included (csrc/logit_screen.h has the bound). Rows that sample, or that ask for
@@ -10,6 +13,12 @@ logits, still take the full fp32 head.
 
 Costs memory: the bf16 copy (half the fp32 head), and for an untied head a row-major fp32 copy (a
 tied one reads the embedding table).
+
+A bf16 head on GenMill's AVX-512 kernel (a CPU with AVX512_BF16 but no AMX: on AMX the head's own
+tile kernel is faster than any int8 screen on the vector units) is screened the same way from an
+int8 copy when the CPU has AVX512_VNNI: VPDPBUSD does four multiply-adds per lane where VDPBF16PS
+does two, and the copy is half the bytes (csrc/int8_screen.h has the bound). Costs the int8 copy
+(half the bf16 head), and for an untied head a row-major bf16 copy.
 """
 
 from __future__ import annotations
@@ -28,7 +37,11 @@ class LogitScreen:
         """`head`: the fp32 LM head on the AVX-512 kernel; `weight`: its `[V, K]` fp32 rows."""
         self.head = head
         self.weight = weight.detach().contiguous()
-        self.packed = cpu_kernels.avx512_pack(self.weight.bfloat16())
+        # the bf16 copy on the CPU's fastest bf16 kernel: AMX tiles where there are (there AVX-512's
+        # VDPBF16PS runs at a fifth of their rate, slower than the fp32 head itself), else AVX-512
+        self.amx = cpu_kernels.amx_available()
+        pack = cpu_kernels.amx_pack if self.amx else cpu_kernels.avx512_pack
+        self.packed = pack(self.weight.bfloat16())
         # the largest row norm, in float64 a block of rows at a time (not a float64 copy of the head)
         blocks = self.weight.split(4096)
         self.wmax = _float32_up(max(b.double().norm(dim=1).max().item() for b in blocks))
@@ -52,10 +65,14 @@ class LogitScreen:
             return cls(head, tied)
         return cls(head, unpack_avx512(head.weight, head.out_features, head.in_features))
 
+    def approx(self, x: Tensor) -> Tensor:
+        """The bf16 logits of `x [n, K]` from the bf16 copy (x rounded to bf16, fp32 sums, bf16 out)."""
+        linear = cpu_kernels.amx_linear if self.amx else cpu_kernels.avx512_linear
+        return linear(x.bfloat16(), self.packed, None, self.head.out_features, False)
+
     def __call__(self, x: Tensor) -> Tensor:
         """The greedy token of each row of `x [n, K]` (fp32, rows may be strided)."""
-        approx = cpu_kernels.avx512_linear(x.bfloat16(), self.packed, None, self.head.out_features, False)
-        ids, counts = cpu_kernels.screened_argmax(x, approx, self.weight, self.wmax)
+        ids, counts = cpu_kernels.screened_argmax(x, self.approx(x), self.weight, self.wmax)
         self.recomputed += int(counts.sum())
         doubtful = (ids < 0).nonzero().flatten()
         if doubtful.numel():  # a NaN or infinity: the full head, and the argmax kernel's rules
@@ -63,13 +80,61 @@ class LogitScreen:
         return ids
 
 
+class Int8LogitScreen:
+    def __init__(self, head: PackedLinear, weight: Tensor) -> None:
+        """`head`: the bf16 LM head on the AVX-512 kernel; `weight`: its `[V, K]` bf16 rows (the
+        exact pass reads them)."""
+        self.head = head
+        self.weight = weight.detach().contiguous()
+        self.int8 = cpu_kernels.int8_screen_pack(self.weight)
+        self.recomputed = 0  # logits recomputed exactly so far (a measure of the screen's work)
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> Int8LogitScreen | None:
+        """A screen for `model`'s LM head where it applies: bf16 on GenMill's AVX-512 kernel (not
+        AMX), no bias, an even K, under 2 GiB, a CPU with AVX512_VNNI."""
+        head = model.output
+        if not (
+            isinstance(head, PackedLinear)
+            and head.avx512
+            and head.weight.dtype == torch.bfloat16
+            and head.bias is None
+            and head.in_features % 2 == 0
+            and head.out_features * head.in_features * 2 < 2**31
+            and cpu_kernels.int8_screen_available()
+        ):
+            return None
+        tied = model.tok_embeddings.weight
+        if model.args.tie_word_embeddings and tied.shape == (head.out_features, head.in_features):
+            return cls(head, tied.to(torch.bfloat16))
+        return cls(head, unpack_avx512(head.weight, head.out_features, head.in_features))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The greedy token of each row of `x [n, K]` (bf16, rows may be strided)."""
+        ids, counts = cpu_kernels.int8_screened_argmax(x, self.int8, self.weight)
+        self.recomputed += int(counts.sum())
+        doubtful = (ids < 0).nonzero().flatten()
+        if doubtful.numel():  # a NaN or infinity, or a crowd of near-ties: the full head
+            ids[doubtful] = cpu_kernels.argmax(self.head(x[doubtful]))
+        return ids
+
+
+Screen = LogitScreen | Int8LogitScreen
+
+
+def for_model(model: Transformer) -> Screen | None:
+    """The screen for `model`'s LM head: fp32 from bf16, bf16 from int8, or None where neither applies."""
+    return LogitScreen.for_model(model) or Int8LogitScreen.for_model(model)
+
+
 def unpack_avx512(packed: Tensor, n: int, k: int) -> Tensor:
-    """The `[n, k]` fp32 rows of a weight packed by `cpu_kernels.avx512_pack`."""
-    panel = cpu_kernels.AVX512_PANEL
+    """The `[n, k]` rows of a weight packed by `cpu_kernels.avx512_pack` (fp32, or bf16 with k even)."""
+    panel, pair = cpu_kernels.AVX512_PANEL, 2 if packed.dtype == torch.bfloat16 else 1
     rows, offset = [], 0
     for start in range(0, n, panel):
         width = min(panel, n - start)
-        rows.append(packed[offset : offset + k * width].view(k, width).t())
+        block = packed[offset : offset + k * width].view(k // pair, width, pair)  # [steps, columns, pair]
+        rows.append(block.permute(1, 0, 2).reshape(width, k))
         offset += k * width
     return torch.cat(rows)
 

@@ -65,6 +65,23 @@ struct Step<bf16> {
   }
 };
 #endif
+#ifdef __AVX512VNNI__
+// int8 (csrc/int8_screen.h): x as unsigned bytes, W as signed ones, four K a step (VPDPBUSD), the
+// int32 sums carried in the fp32 accumulators' bits
+template <>
+struct Step<uint8_t> {
+  static constexpr int K = 4;
+  static inline __m512 x(const uint8_t* p) {
+    int32_t quad;
+    std::memcpy(&quad, p, sizeof(quad));
+    return _mm512_castsi512_ps(_mm512_set1_epi32(quad));
+  }
+  static inline __m512 madd(__m512 acc, __m512 a, __m512 w) {
+    return _mm512_castsi512_ps(
+        _mm512_dpbusd_epi32(_mm512_castps_si512(acc), _mm512_castps_si512(a), _mm512_castps_si512(w)));
+  }
+};
+#endif
 
 // one panel: its weights, bytes per K step (4 x its width), and the lanes of its last vector
 struct Panel {
@@ -158,13 +175,12 @@ static inline void store_rows(const float* acc, const float* bias, bool relu, Y*
   }
 }
 
-// y[M, N] = x[M, K] (row stride sx, in elements) W^T + bias (fp32 or null), W packed as above; for
-// bf16, K is even
-template <typename T>
-static int linear(const T* x, int64_t sx, const T* wp, const float* bias, T* y, int64_t M, int64_t N, int64_t K,
-                  bool relu) {
+// The panels of x[M, K] (row stride sx, in elements) W^T, W packed as above (K a whole number of
+// steps): out(acc, m0, rows, nb, cols) takes the sums acc[r * NR + c] (c < cols) of rows m0.. of
+// panel nb, in the thread that computed them; threads split the panels, each a contiguous run.
+template <typename T, typename Out>
+static void panels(const T* x, int64_t sx, const void* wp, int64_t M, int64_t N, int64_t K, Out&& out) {
   const int64_t NB = (N + NR - 1) / NR, steps = K / Step<T>::K, full = steps * NR * 4;
-  const bool stream = std::is_same<T, float>::value && M * N * int64_t(sizeof(float)) > (int64_t(8) << 20);
   const char* w0 = reinterpret_cast<const char*>(wp);
   const int64_t MC = std::clamp<int64_t>(X_BYTES / (K * int64_t(sizeof(T))) / MR * MR, MC_MIN, MC_MAX);
   auto panel = [&](int64_t nb) {
@@ -196,12 +212,22 @@ static int linear(const T* x, int64_t sx, const T* wp, const float* bias, T* y, 
             tile_rows<T>(int(std::min<int64_t>(MR, mc - mb)), x + (m0 + mb) * sx, sx, p, s0, s1, acc + mb * NR,
                          s0 == 0, pf);
         }
-        store_rows(acc, bias ? bias + nb * NR : nullptr, relu, y + m0 * N + nb * NR, N, mc, p.step_bytes / 4,
-                   stream);
+        out(static_cast<const float*>(acc), m0, mc, nb, p.step_bytes / 4);
       }
     }
-    if (stream) _mm_sfence();  // each thread's non-temporal stores are visible before y is read
+    _mm_sfence();  // the thread's non-temporal stores, if `out` made any, are visible after the region
   }
+}
+
+// y[M, N] = x[M, K] (row stride sx, in elements) W^T + bias (fp32 or null), W packed as above; for
+// bf16, K is even
+template <typename T>
+static int linear(const T* x, int64_t sx, const T* wp, const float* bias, T* y, int64_t M, int64_t N, int64_t K,
+                  bool relu) {
+  const bool stream = std::is_same<T, float>::value && M * N * int64_t(sizeof(float)) > (int64_t(8) << 20);
+  panels(x, sx, wp, M, N, K, [&](const float* acc, int64_t m0, int64_t mc, int64_t nb, int64_t cols) {
+    store_rows(acc, bias ? bias + nb * NR : nullptr, relu, y + m0 * N + nb * NR, N, mc, cols, stream);
+  });
   return 0;
 }
 

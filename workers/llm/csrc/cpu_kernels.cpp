@@ -12,6 +12,7 @@
 //   genmill_silu_mul      SwiGLU's gate
 //   genmill_argmax        greedy pick
 //   genmill_screened_argmax  greedy pick of an fp32 LM head from its bf16 copy, exact
+//   genmill_int8_screen   greedy pick of a bf16 LM head from its int8 copy, exact
 //   genmill_amx_linear    bf16 linear on AMX tiles, a row's result independent of the row count
 //   genmill_fma_linear    fp32 linear on AVX2 + FMA tiles, the same property
 
@@ -27,6 +28,7 @@
 #include "fma_linear.h"
 #include "avx512_linear.h"  // after vec16.h, whose masked stores it uses
 #include "logit_screen.h"
+#include "int8_screen.h"  // after avx512_linear.h, whose panels it runs
 
 // the value x takes when stored in T: identity for fp32, bf16 rounding for bf16
 static inline V16 round_to(V16 x, const float*) { return x; }
@@ -747,6 +749,20 @@ extern "C" int genmill_layer_norm(int is_bf16, const void* x, const void* res, c
 }
 
 // the vector width this build runs (512: AVX-512, 256: AVX2), for the Python side to report
+// 0: done; 1: not built here (no AVX512_VNNI or AVX512_BF16)
+extern "C" int genmill_int8_screen(const void* x, int64_t sx, const void* wq, const int32_t* colsum,
+                                   const float* scale, const float* scale_max, const float* l1, const float* err2,
+                                   const void* rows, float tiny,
+                                   int64_t M, int64_t N, int64_t K, int64_t* ids, int64_t* kept) {
+#ifdef GENMILL_INT8_SCREEN
+  const i8screen::Head h{(const int8_t*)wq, colsum, scale, scale_max, l1, err2, (const bf16*)rows, tiny, N, K,
+                        (K + 3) / 4 * 4, (N + zlin::NR - 1) / zlin::NR};
+  return i8screen::screened_argmax((const bf16*)x, sx, h, M, ids, kept);
+#else
+  return 1;
+#endif
+}
+
 extern "C" int genmill_isa() { return GENMILL_ISA; }
 
 // 1 when built with the AMX linear and the OS grants this process the tile registers

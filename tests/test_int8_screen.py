@@ -1,0 +1,130 @@
+"""Greedy picks for a bf16 LM head from its int8 copy are the bf16 head's argmax, exactly
+(workers.llm.logit_screen.Int8LogitScreen, csrc/int8_screen.h)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.llm import cpu_kernels
+from workers.llm.engine import GenRequest, LLMEngine
+from workers.llm.logit_screen import Int8LogitScreen, unpack_avx512
+from workers.llm.model import PackedLinear
+from workers.llm.sampling import SamplingParams
+from workers.llm.tiny import build_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available() or not cpu_kernels.int8_screen_available(),
+    reason="needs the AVX-512 kernels with AVX512_BF16 and AVX512_VNNI",
+)
+
+
+def _bf16_argmax(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the engine's bf16 LM head on the AVX-512 kernel and its greedy pick give."""
+    logits = cpu_kernels.avx512_linear(x, cpu_kernels.avx512_pack(w), None, w.shape[0], False)
+    return cpu_kernels.argmax(logits)
+
+
+def _screen(w: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> Int8LogitScreen:
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # the head on the AVX-512 kernel
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
+    linear.weight.data = w.clone()
+    head = PackedLinear(linear, batch_hint=8)
+    assert head.avx512
+    return Int8LogitScreen(head, w)
+
+
+@pytest.mark.parametrize(("seed", "v", "k"), [(0, 3001, 96), (1, 5000, 70), (2, 2000, 256), (3, 50, 8)])
+def test_the_pick_is_the_bf16_argmax_with_few_logits_recomputed(monkeypatch, seed, v, k):
+    # narrow last panels, K not a multiple of 4, rows of very different norms, an outlier in x
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(v, k, generator=g) * torch.rand(v, 1, generator=g).mul(3).add(0.05)).bfloat16()
+    x = torch.randn(13, k, generator=g) * (1 + seed)
+    x[2, 1] = 40
+    x = x.bfloat16()
+    screen = _screen(w, monkeypatch)
+    assert torch.equal(screen(x), _bf16_argmax(x, w))
+    assert 13 <= screen.recomputed < 13 * max(v // 20, 16)
+
+
+def test_exact_and_near_ties_resolve_as_the_bf16_argmax_does(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    v, k = 700, 64
+    w = torch.randn(v, k, generator=g) * 0.1
+    w[300] = w[123]  # exact ties: the first index wins
+    w[500] = w[123]
+    w[601] = w[123] * (1 + 2**-7)  # a bf16 step larger in every value
+    w[650] = w[123]
+    w[650, 5] = w[123, 5] + w[123, 5].abs() * 2**-7  # one bf16 step apart in one value
+    w = w.bfloat16()
+    x = torch.stack([w[123].float() * 40, -w[123].float() * 40, torch.randn(k, generator=g)]).bfloat16()
+    screen = _screen(w, monkeypatch)
+    ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
+    assert torch.equal(ids, _bf16_argmax(x, w))
+    assert kept[0] >= 5  # the tied and near-tied rows were all recomputed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_crowd_closer_than_int8_can_tell_apart_still_gives_the_bf16_pick(monkeypatch, seed):
+    # 400 rows within ~1e-2 of one another: int8 rounding (max/254 per value) cannot order them, so
+    # the bound must keep the whole crowd for the exact pass
+    g = torch.Generator().manual_seed(seed)
+    k = 128
+    base = torch.randn(k, generator=g)
+    w = torch.cat(
+        [base + 1e-2 * torch.randn(400, k, generator=g), torch.randn(600, k, generator=g)]
+    ).bfloat16()
+    x = torch.stack([base, base * 3 + 0.01 * torch.randn(k, generator=g)]).bfloat16()
+    screen = _screen(w, monkeypatch)
+    ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
+    assert torch.equal(ids, _bf16_argmax(x, w))
+    assert (kept >= 100).all()
+
+
+def test_rows_it_cannot_screen_take_the_full_head(monkeypatch):
+    # an infinity in x; a zero row (every logit 0: the first index) and a crowd of 5000 equal
+    # columns (more than the screen recomputes) both leave every logit in doubt
+    g = torch.Generator().manual_seed(3)
+    k = 32
+    w = torch.cat([torch.randn(200, k, generator=g), torch.ones(5000, k)]).bfloat16()
+    x = torch.randn(4, k, generator=g)
+    x[1, 4] = float("inf")
+    x[2] = 0
+    x[3] = 1
+    x = x.bfloat16()
+    screen = _screen(w, monkeypatch)
+    ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
+    assert ids[0] >= 0 and (ids[1:] == -1).all() and kept[2] == 5200
+    picks = screen(x)
+    assert torch.equal(picks, _bf16_argmax(x, w))
+    assert picks[2] == 0
+
+
+def test_unpack_inverts_the_bf16_avx512_packing():
+    w = torch.randn(101, 40).bfloat16()
+    assert torch.equal(unpack_avx512(cpu_kernels.avx512_pack(w), 101, 40), w)
+
+
+@pytest.mark.parametrize(("arch", "overrides"), [("opt", {}), ("llama", {"tie_word_embeddings": False})])
+def test_bf16_greedy_generation_is_unchanged_by_the_screen(tmp_path, monkeypatch, arch, overrides):
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # bf16 linears on the AVX-512 kernel
+    folder = build_tiny_checkpoint(tmp_path / arch, arch=arch, num_hidden_layers=2, **overrides)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=8, temperature=0.8, seed=5, ignore_eos=True)
+    prompts = [[5 + i, 17, 40 + 3 * i, 9] for i in range(4)]
+    batches = {
+        "greedy": [GenRequest(prompt_ids=p, params=greedy) for p in prompts],
+        "mixed": [
+            GenRequest(prompt_ids=p, params=sampled if i == 2 else greedy) for i, p in enumerate(prompts)
+        ],
+    }
+    outputs = {}
+    for fast in (True, False):
+        engine = LLMEngine.load(folder, dtype="bfloat16", max_batch_size=4, fast_decode=fast)
+        for name, requests in batches.items():
+            outputs[fast, name] = [o.token_ids for o in engine.generate(requests).outcomes]
+        if fast:
+            screen = engine.steps._fast.screen
+            assert isinstance(screen, Int8LogitScreen) and screen.recomputed > 0
+    assert outputs[True, "greedy"] == outputs[False, "greedy"]
+    assert outputs[True, "mixed"] == outputs[False, "mixed"]
