@@ -47,7 +47,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import per_cpu, write_section
 from workers.llm import malloc
-from workers.llm.cpu_kernels import amx_available, avx512_linear_available, fma_linear_available
+from workers.llm.cpu_kernels import (
+    amx_available,
+    avx512_linear_available,
+    fma_linear_available,
+    int8_screen_available,
+)
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.model import PackedLinear, widens_bf16
 from workers.llm.sampling import SamplingParams
@@ -493,12 +498,15 @@ def report(
             "in the time the machine needs at least for the matmuls (prefill, decode projections and LM "
             "head at that best rate) plus the decode steps' KV-cache reads (at the read bandwidth above), "
             "without overlapping the two"
-            + (
-                "; in float32 here, all-greedy decode steps pick their tokens from a bf16 copy of the LM "
-                "head, exactly (workers/llm/logit_screen.py, eager mode), and their LM head is still "
-                "counted as fp32 work, so float32 decode GFLOP/s and roofline are fp32-equivalent figures"
-                if avx512_linear_available(torch.bfloat16) and not amx_available()
-                else ""
+            + "".join(
+                f"; in {dtype} here, all-greedy decode steps pick their tokens from {copy} of the LM head, "
+                "exactly (workers/llm/logit_screen.py, eager mode), and their LM head is still counted "
+                f"as {dtype} work, so {dtype} decode GFLOP/s and roofline are {dtype}-equivalent figures"
+                for dtype, copy, applies in (
+                    ("float32", "a bf16 copy", avx512_linear_available(torch.bfloat16)),
+                    ("bfloat16", "an int8 copy", int8_screen_available() and not amx_available()),
+                )
+                if applies
             )
             + "):"
         ),
