@@ -119,12 +119,18 @@ def test_bf16_greedy_generation_is_unchanged_by_the_screen(tmp_path, monkeypatch
         ],
     }
     outputs = {}
-    for fast in (True, False):
-        engine = LLMEngine.load(folder, dtype="bfloat16", max_batch_size=4, fast_decode=fast)
+    for way, options in {
+        "screened": {},
+        "full head": {"greedy_screen": False},
+        "module path": {"fast_decode": False},
+    }.items():
+        engine = LLMEngine.load(folder, dtype="bfloat16", max_batch_size=4, **options)
         for name, requests in batches.items():
-            outputs[fast, name] = [o.token_ids for o in engine.generate(requests).outcomes]
-        if fast:
-            screen = engine.steps._fast.screen
+            outputs[way, name] = [o.token_ids for o in engine.generate(requests).outcomes]
+        screen = engine.steps._fast.screen if engine.steps._fast is not None else None
+        if way == "screened":
             assert isinstance(screen, Int8LogitScreen) and screen.recomputed > 0
-    assert outputs[True, "greedy"] == outputs[False, "greedy"]
-    assert outputs[True, "mixed"] == outputs[False, "mixed"]
+        else:
+            assert screen is None
+    for name in batches:
+        assert outputs["screened", name] == outputs["full head", name] == outputs["module path", name]

@@ -46,6 +46,7 @@ OPTIONS: dict[str, Any] = {
     "packed_linears": True,
     "cpu_kernels": True,
     "fast_decode": True,
+    "greedy_screen": True,
 }
 
 
@@ -95,6 +96,7 @@ class LLMEngine:
         packed_linears: bool = True,
         cpu_kernels: bool = True,
         fast_decode: bool = True,
+        greedy_screen: bool = True,
     ) -> None:
         self._loaded: LoadedModel | None = loaded
         self.model = loaded.model
@@ -122,7 +124,9 @@ class LLMEngine:
         if self.device.type == "cpu":
             malloc.reuse_freed_memory()  # prefill activations past 32 MiB: no page faults per layer
         # compiled graphs live as long as the engine: once per worker and shape bucket, never per job
-        self.steps = StepFunctions(self.model, _compile_mode(compile), fast_decode=fast_decode)
+        self.steps = StepFunctions(
+            self.model, _compile_mode(compile), fast_decode=fast_decode, greedy_screen=greedy_screen
+        )
 
     @classmethod
     def load(
@@ -154,6 +158,8 @@ class LLMEngine:
             step also picks its tokens from a cheaper copy of the LM head, exactly, where one
             applies (`workers.llm.logit_screen`: bf16 for an fp32 head on an AVX512_BF16 CPU, int8
             for a bf16 head on an AVX512_VNNI CPU without AMX).
+          greedy_screen: False keeps the full LM head for all-greedy flat steps too (the same
+            tokens; to compare the two, or where the copy's memory matters).
         """
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
@@ -169,7 +175,7 @@ class LLMEngine:
             if not _is_int(opts[name]) or opts[name] < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {opts[name]!r}")
         _compile_mode(opts["compile"])
-        for name in ("packed_linears", "cpu_kernels", "fast_decode"):
+        for name in ("packed_linears", "cpu_kernels", "fast_decode", "greedy_screen"):
             if not isinstance(opts[name], bool):
                 raise ValueError(f"{name} must be a bool, got {opts[name]!r}")  # noqa: TRY004
         resolve_dtype(dtype)  # reject a bad dtype before the (slow) load

@@ -44,7 +44,7 @@ class FastDecode:
     Bound to the model's current KV cache and RoPE tables: `matches(model)` tells whether they are
     still the ones it was built for (setup_caches reallocates them, counted by `cache_version`)."""
 
-    def __init__(self, model: Transformer, screen: Screen | None = None) -> None:
+    def __init__(self, model: Transformer, screen: Screen | None = None, greedy_screen: bool = True) -> None:
         self.model = model
         a = model.args
         self.lib = cpu_kernels._library()
@@ -96,16 +96,20 @@ class FastDecode:
         self.head = model.output
         # greedy rows: the LM head from a cheaper copy, exact where it matters (logit_screen.py); it
         # depends on the weights only, so a plan rebuilt for a new cache takes the old one's
+        self.screen: Screen | None = None
         if screen is not None and screen.head is model.output:
-            self.screen: Screen | None = screen
-        else:
+            self.screen = screen
+        elif greedy_screen:
             self.screen = logit_screen.for_model(model)
 
     @classmethod
-    def build(cls, model: Transformer, screen: Screen | None = None) -> FastDecode | None:
+    def build(
+        cls, model: Transformer, screen: Screen | None = None, greedy_screen: bool = True
+    ) -> FastDecode | None:
         """A FastDecode for `model`, or None where it does not apply (see the module docstring);
-        `screen`: a previous plan's, reused if it is for this model's LM head."""
-        return cls(model, screen) if supports(model) else None
+        `screen`: a previous plan's, reused if it is for this model's LM head; `greedy_screen`
+        False: no screen (all-greedy steps take the full head too)."""
+        return cls(model, screen, greedy_screen) if supports(model) else None
 
     def matches(self, model: Transformer) -> bool:
         return model is self.model and model.cache_version == self.cache_version

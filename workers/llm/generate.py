@@ -155,10 +155,17 @@ class StepFunctions:
     compiles once instead of once per bucket, ~30-60 s each on a 2-core machine). Only batches of
     one row are padded to two: a size-1 dimension would be specialised into a graph of its own.
     fast_decode: eager decode steps on the CPU kernels run as a flat list of kernel calls
-    (workers.llm.fast_decode, same bits) where the model allows it.
+    (workers.llm.fast_decode, same bits) where the model allows it; greedy_screen: their all-greedy
+    steps pick from a cheaper copy of the LM head where one applies (workers.llm.logit_screen).
     """
 
-    def __init__(self, model: Transformer, compile: str | None = None, fast_decode: bool = True) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        compile: str | None = None,
+        fast_decode: bool = True,
+        greedy_screen: bool = True,
+    ) -> None:
         if compile not in (None, *COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {compile!r}")
         self.model = model
@@ -169,6 +176,7 @@ class StepFunctions:
         self._decode = self._decode_eager
         self._prefill = self._prefill_eager
         self.fast_decode = fast_decode
+        self.greedy_screen = greedy_screen
         self._fast: FastDecode | None = None
         self._fast_for = -1  # the model's cache_version that _fast (or its absence) was decided for
         if compile is not None:
@@ -209,7 +217,8 @@ class StepFunctions:
             return None
         if self.model.cache_version != self._fast_for:
             screen = None if self._fast is None else self._fast.screen
-            self._fast, self._fast_for = FastDecode.build(self.model, screen), self.model.cache_version
+            plan = FastDecode.build(self.model, screen, greedy_screen=self.greedy_screen)
+            self._fast, self._fast_for = plan, self.model.cache_version
         return self._fast
 
     def _prefill_eager(
