@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.greedy_batches import greedy_and_mixed
 from workers.llm import cpu_kernels
-from workers.llm.engine import GenRequest, LLMEngine
+from workers.llm.engine import LLMEngine
 from workers.llm.logit_screen import Int8LogitScreen, unpack_avx512
 from workers.llm.model import PackedLinear
-from workers.llm.sampling import SamplingParams
 from workers.llm.tiny import build_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
@@ -109,15 +109,7 @@ def test_unpack_inverts_the_bf16_avx512_packing():
 def test_bf16_greedy_generation_is_unchanged_by_the_screen(tmp_path, monkeypatch, arch, overrides):
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # bf16 linears on the AVX-512 kernel
     folder = build_tiny_checkpoint(tmp_path / arch, arch=arch, num_hidden_layers=2, **overrides)
-    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    sampled = SamplingParams(max_tokens=8, temperature=0.8, seed=5, ignore_eos=True)
-    prompts = [[5 + i, 17, 40 + 3 * i, 9] for i in range(4)]
-    batches = {
-        "greedy": [GenRequest(prompt_ids=p, params=greedy) for p in prompts],
-        "mixed": [
-            GenRequest(prompt_ids=p, params=sampled if i == 2 else greedy) for i, p in enumerate(prompts)
-        ],
-    }
+    batches = greedy_and_mixed()
     outputs = {}
     for way, options in {
         "screened": {},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.greedy_batches import greedy_and_mixed
 from workers.llm import cpu_kernels
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.logit_screen import LogitScreen, unpack_avx512
@@ -111,15 +112,7 @@ def test_unpack_inverts_the_avx512_packing():
 @pytest.mark.parametrize(("arch", "overrides"), [("opt", {}), ("llama", {"tie_word_embeddings": False})])
 def test_greedy_generation_is_unchanged_and_sampled_rows_keep_the_full_head(tmp_path, arch, overrides):
     folder = build_tiny_checkpoint(tmp_path / arch, arch=arch, num_hidden_layers=2, **overrides)
-    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    sampled = SamplingParams(max_tokens=8, temperature=0.8, seed=5, ignore_eos=True)
-    prompts = [[5 + i, 17, 40 + 3 * i, 9] for i in range(4)]
-    batches = {
-        "greedy": [GenRequest(prompt_ids=p, params=greedy) for p in prompts],
-        "mixed": [
-            GenRequest(prompt_ids=p, params=sampled if i == 2 else greedy) for i, p in enumerate(prompts)
-        ],
-    }
+    batches = greedy_and_mixed()
     outputs = {}
     for fast in (True, False):
         engine = LLMEngine.load(folder, dtype="float32", max_batch_size=4, fast_decode=fast)

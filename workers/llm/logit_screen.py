@@ -51,19 +51,10 @@ class LogitScreen:
     def for_model(cls, model: Transformer) -> LogitScreen | None:
         """A screen for `model`'s LM head where it applies: fp32 on GenMill's AVX-512 kernel, no
         bias, a CPU with AVX512_BF16."""
-        head = model.output
-        if not (
-            isinstance(head, PackedLinear)
-            and head.avx512
-            and head.weight.dtype == torch.float32
-            and head.bias is None
-            and cpu_kernels.avx512_linear_available(torch.bfloat16)
-        ):
+        head = _avx512_head(model, torch.float32)
+        if head is None or not cpu_kernels.avx512_linear_available(torch.bfloat16):
             return None
-        tied = model.tok_embeddings.weight
-        if model.args.tie_word_embeddings and tied.shape == (head.out_features, head.in_features):
-            return cls(head, tied)
-        return cls(head, unpack_avx512(head.weight, head.out_features, head.in_features))
+        return cls(head, _head_rows(model, head))
 
     def approx(self, x: Tensor) -> Tensor:
         """The bf16 logits of `x [n, K]` from the bf16 copy (x rounded to bf16, fp32 sums, bf16 out)."""
@@ -85,7 +76,7 @@ class Int8LogitScreen:
         """`head`: the bf16 LM head on the AVX-512 kernel; `weight`: its `[V, K]` bf16 rows (the
         exact pass reads them)."""
         self.head = head
-        self.weight = weight.detach().contiguous()
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()
         self.int8 = cpu_kernels.int8_screen_pack(self.weight)
         self.recomputed = 0  # logits recomputed exactly so far (a measure of the screen's work)
 
@@ -93,21 +84,15 @@ class Int8LogitScreen:
     def for_model(cls, model: Transformer) -> Int8LogitScreen | None:
         """A screen for `model`'s LM head where it applies: bf16 on GenMill's AVX-512 kernel (not
         AMX), no bias, an even K, under 2 GiB, a CPU with AVX512_VNNI."""
-        head = model.output
-        if not (
-            isinstance(head, PackedLinear)
-            and head.avx512
-            and head.weight.dtype == torch.bfloat16
-            and head.bias is None
-            and head.in_features % 2 == 0
-            and head.out_features * head.in_features * 2 < 2**31
-            and cpu_kernels.int8_screen_available()
+        head = _avx512_head(model, torch.bfloat16)
+        if (
+            head is None
+            or head.in_features % 2
+            or head.out_features * head.in_features * 2 >= 2**31
+            or not cpu_kernels.int8_screen_available()
         ):
             return None
-        tied = model.tok_embeddings.weight
-        if model.args.tie_word_embeddings and tied.shape == (head.out_features, head.in_features):
-            return cls(head, tied.to(torch.bfloat16))
-        return cls(head, unpack_avx512(head.weight, head.out_features, head.in_features))
+        return cls(head, _head_rows(model, head))
 
     def __call__(self, x: Tensor) -> Tensor:
         """The greedy token of each row of `x [n, K]` (bf16, rows may be strided)."""
@@ -125,6 +110,22 @@ Screen = LogitScreen | Int8LogitScreen
 def for_model(model: Transformer) -> Screen | None:
     """The screen for `model`'s LM head: fp32 from bf16, bf16 from int8, or None where neither applies."""
     return LogitScreen.for_model(model) or Int8LogitScreen.for_model(model)
+
+
+def _avx512_head(model: Transformer, dtype: torch.dtype) -> PackedLinear | None:
+    """`model`'s LM head where it runs on GenMill's AVX-512 kernel in `dtype`, without a bias."""
+    head = model.output
+    if isinstance(head, PackedLinear) and head.avx512 and head.weight.dtype == dtype and head.bias is None:
+        return head
+    return None
+
+
+def _head_rows(model: Transformer, head: PackedLinear) -> Tensor:
+    """The head's `[V, K]` rows, row-major: the tied embedding table, or unpacked from the kernel's panels."""
+    tied = model.tok_embeddings.weight
+    if model.args.tie_word_embeddings and tied.shape == (head.out_features, head.in_features):
+        return tied
+    return unpack_avx512(head.weight, head.out_features, head.in_features)
 
 
 def unpack_avx512(packed: Tensor, n: int, k: int) -> Tensor:

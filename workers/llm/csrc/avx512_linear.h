@@ -51,15 +51,17 @@ struct Step<float> {
   static inline __m512 x(const float* p) { return _mm512_set1_ps(*p); }
   static inline __m512 madd(__m512 acc, __m512 a, __m512 w) { return _mm512_fmadd_ps(a, w, acc); }
 };
+// the 32 bits at p (a step's K values of x) in every lane
+static inline __m512 broadcast32(const void* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _mm512_castsi512_ps(_mm512_set1_epi32(bits));
+}
 #ifdef __AVX512BF16__
 template <>
 struct Step<bf16> {
   static constexpr int K = 2;
-  static inline __m512 x(const bf16* p) {
-    int32_t pair;
-    std::memcpy(&pair, p, sizeof(pair));
-    return _mm512_castsi512_ps(_mm512_set1_epi32(pair));
-  }
+  static inline __m512 x(const bf16* p) { return broadcast32(p); }
   static inline __m512 madd(__m512 acc, __m512 a, __m512 w) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(a), (__m512bh)_mm512_castps_si512(w));
   }
@@ -71,11 +73,7 @@ struct Step<bf16> {
 template <>
 struct Step<uint8_t> {
   static constexpr int K = 4;
-  static inline __m512 x(const uint8_t* p) {
-    int32_t quad;
-    std::memcpy(&quad, p, sizeof(quad));
-    return _mm512_castsi512_ps(_mm512_set1_epi32(quad));
-  }
+  static inline __m512 x(const uint8_t* p) { return broadcast32(p); }
   static inline __m512 madd(__m512 acc, __m512 a, __m512 w) {
     return _mm512_castsi512_ps(
         _mm512_dpbusd_epi32(_mm512_castps_si512(acc), _mm512_castps_si512(a), _mm512_castps_si512(w)));
