@@ -93,7 +93,9 @@ static inline float down(double v) {
 static inline float threshold(float lo) {
   const float bar = round_bf16(lo);
   if (std::isinf(bar)) return bar < 0 ? bar : widen(0x7F7F);  // above the largest finite bf16: the largest
-  if (bar == 0) return -std::ldexp(1.0f, -134);               // -0 and +0 alike; the smallest bf16 is 2^-133
+  // bf16(lo) is -0 or +0: every negative value above the largest negative normal may round to zero
+  // (VCVTNEPS2BF16 takes denormal inputs as zero)
+  if (bar == 0) return -std::ldexp(1.0f, -126);
   uint32_t bits;
   std::memcpy(&bits, &bar, sizeof(bits));
   bits = bar > 0 ? bits - 0x10000 : bits + 0x10000;
