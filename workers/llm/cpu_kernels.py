@@ -436,7 +436,7 @@ def screened_argmax(x: Tensor, approx: Tensor, weight: Tensor, wmax: float) -> t
 class Int8Head:
     """The int8 copy of a bf16 LM head `[N, K]` that `int8_screened_argmax` reads (csrc/int8_screen.h):
     W ~ scale * wq per column, wq packed in `avx512_linear`'s panels of 4-byte K steps, and the
-    per-column terms of the error bound."""
+    error bound's terms, per panel."""
 
     wq: Tensor  # int8, flat
     colsum: Tensor  # int32 [N]: 128 x each column's int8 sum
@@ -479,8 +479,8 @@ def int8_screen_pack(weight: Tensor, block: int = 4096) -> Int8Head:
         q = torch.round(w / scale.double()[:, None]).clamp(-127, 127)
         parts["q"].append(q.to(torch.int8))
         parts["scale"].append(scale)
-        parts["l1"].append(_float32_up(w.abs().sum(dim=1)))
-        parts["err2"].append(_float32_up((w - scale.double()[:, None] * q).norm(dim=1)))
+        parts["l1"].append(float32_up(w.abs().sum(dim=1)))
+        parts["err2"].append(float32_up((w - scale.double()[:, None] * q).norm(dim=1)))
     q = torch.nn.functional.pad(torch.cat(parts["q"]), (0, kq - k))
     packed = torch.cat([p.view(p.shape[0], -1, 4).transpose(0, 1).reshape(-1) for p in q.split(AVX512_PANEL)])
     scale = torch.cat(parts["scale"])
@@ -495,7 +495,7 @@ def int8_screen_pack(weight: Tensor, block: int = 4096) -> Int8Head:
         scale_max=per_panel(scale),
         l1=per_panel(torch.cat(parts["l1"])),
         err2=per_panel(torch.cat(parts["err2"])),
-        tiny=float(_float32_up(torch.tensor(2.0**-100 * k * (1 + wmax), dtype=torch.float64))),
+        tiny=float(float32_up(torch.tensor(2.0**-100 * k * (1 + wmax), dtype=torch.float64))),
         n=n,
         k=k,
     )
@@ -533,8 +533,8 @@ def _int8_screen(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[int, Tensor
     return status, ids, kept
 
 
-def _float32_up(value: Tensor) -> Tensor:
-    """float64 values -> the smallest float32 values >= them."""
+def float32_up(value: Tensor) -> Tensor:
+    """float64 values -> the smallest float32 values >= them (bounds stay bounds in fp32)."""
     f = value.float()
     return torch.where(f.double() < value, torch.nextafter(f, torch.tensor(math.inf)), f)
 

@@ -23,8 +23,6 @@ does two, and the copy is half the bytes (csrc/int8_screen.h has the bound). Cos
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -44,7 +42,8 @@ class LogitScreen:
         self.packed = pack(self.weight.bfloat16())
         # the largest row norm, in float64 a block of rows at a time (not a float64 copy of the head)
         blocks = self.weight.split(4096)
-        self.wmax = _float32_up(max(b.double().norm(dim=1).max().item() for b in blocks))
+        wmax = max(b.double().norm(dim=1).max().item() for b in blocks)
+        self.wmax = cpu_kernels.float32_up(torch.tensor(wmax, dtype=torch.float64)).item()
         self.recomputed = 0  # logits recomputed exactly so far (a measure of the screen's work)
 
     @classmethod
@@ -138,11 +137,3 @@ def unpack_avx512(packed: Tensor, n: int, k: int) -> Tensor:
         rows.append(block.permute(1, 0, 2).reshape(width, k))
         offset += k * width
     return torch.cat(rows)
-
-
-def _float32_up(value: float) -> float:
-    """The smallest float32 >= value (ctypes rounds a float argument to nearest)."""
-    f = torch.tensor(value, dtype=torch.float64).float()
-    if f.double().item() < value:
-        f = torch.nextafter(f, torch.tensor(math.inf))
-    return f.item()
