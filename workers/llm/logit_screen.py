@@ -64,10 +64,7 @@ class LogitScreen:
         """The greedy token of each row of `x [n, K]` (fp32, rows may be strided)."""
         ids, counts = cpu_kernels.screened_argmax(x, self.approx(x), self.weight, self.wmax)
         self.recomputed += int(counts.sum())
-        doubtful = (ids < 0).nonzero().flatten()
-        if doubtful.numel():  # a NaN or infinity: the full head, and the argmax kernel's rules
-            ids[doubtful] = cpu_kernels.argmax(self.head(x[doubtful]))
-        return ids
+        return _full_head_where_unscreened(ids, x, self.head)
 
 
 class Int8LogitScreen:
@@ -97,10 +94,7 @@ class Int8LogitScreen:
         """The greedy token of each row of `x [n, K]` (bf16, rows may be strided)."""
         ids, counts = cpu_kernels.int8_screened_argmax(x, self.int8, self.weight)
         self.recomputed += int(counts.sum())
-        doubtful = (ids < 0).nonzero().flatten()
-        if doubtful.numel():  # a NaN or infinity, or a crowd of near-ties: the full head
-            ids[doubtful] = cpu_kernels.argmax(self.head(x[doubtful]))
-        return ids
+        return _full_head_where_unscreened(ids, x, self.head)
 
 
 Screen = LogitScreen | Int8LogitScreen
@@ -109,6 +103,15 @@ Screen = LogitScreen | Int8LogitScreen
 def for_model(model: Transformer) -> Screen | None:
     """The screen for `model`'s LM head: fp32 from bf16, bf16 from int8, or None where neither applies."""
     return LogitScreen.for_model(model) or Int8LogitScreen.for_model(model)
+
+
+def _full_head_where_unscreened(ids: Tensor, x: Tensor, head: PackedLinear) -> Tensor:
+    """`ids`, with the rows a screen left to its caller (-1: a NaN or infinity, or too many logits
+    in doubt) picked from the full head by the argmax kernel's rules."""
+    doubtful = (ids < 0).nonzero().flatten()
+    if doubtful.numel():
+        ids[doubtful] = cpu_kernels.argmax(head(x[doubtful]))
+    return ids
 
 
 def _avx512_head(model: Transformer, dtype: torch.dtype) -> PackedLinear | None:
