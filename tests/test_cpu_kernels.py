@@ -261,14 +261,16 @@ def test_amx_linear_is_the_bf16_linear_rounded_once(n, k):
 
 
 @amx
-def test_amx_linear_gives_a_row_the_same_bits_in_any_batch():
-    # a speculative verification runs batch x (k+1) rows where a decode step runs batch rows
+@pytest.mark.parametrize(("n", "k"), [(2304, 768), (768, 3072)])
+def test_amx_linear_gives_a_row_the_same_bits_in_any_batch(n, k):
+    # a speculative verification runs batch x (k+1) rows where a decode step runs batch rows; rows
+    # go through in chunks of 256 (K = 768) or 128 (K = 3072), chunk edges must not show either
     torch.manual_seed(0)
-    w, x = torch.randn(2304, 768).bfloat16(), torch.randn(300, 768).bfloat16()
+    w, x = torch.randn(n, k).bfloat16(), torch.randn(300, k).bfloat16()
     packed = cpu_kernels.amx_pack(w)
-    full = cpu_kernels.amx_linear(x, packed, None, 2304, False)
-    for rows in (slice(0, 1), slice(0, 5), slice(0, 40), slice(0, 257), slice(100, 140), slice(299, 300)):
-        assert torch.equal(cpu_kernels.amx_linear(x[rows], packed, None, 2304, False), full[rows]), rows
+    full = cpu_kernels.amx_linear(x, packed, None, n, False)
+    for rows in (slice(0, 1), slice(0, 5), slice(0, 40), slice(0, 257), slice(100, 140), slice(120, 200), slice(299, 300)):
+        assert torch.equal(cpu_kernels.amx_linear(x[rows], packed, None, n, False), full[rows]), rows
 
 
 def test_amx_is_left_out_of_the_avx2_build():

@@ -30,7 +30,10 @@
 namespace amx {
 
 constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-constexpr int MC = 256;  // rows per chunk: a chunk's x (MC x K bf16) stays in L2 across column blocks
+constexpr int MC = 256;  // rows per chunk at most: a chunk's x (MC x K bf16) stays in L2 across column blocks
+// ... and fills at most this much of it (OPT's 3072-wide fc2 with 256-row chunks of 1.5 MiB: 8% slower
+// than with 128 rows); never fewer than 64 rows, so that a decode step's rows share one weight pass
+constexpr int64_t CHUNK_BYTES = 768 << 10;
 constexpr int KS_L1 = 8;  // K steps per slice: 16 KiB of a block's weights (4 steps: 12-16% slower at prompt shapes)
 // how far ahead of its reads a thread prefetches its weights into L2 (8-32 KiB measured alike; 0, as
 // before: 15.4 GB/s of weights from memory at decode shapes on a 2-core Xeon slice, 18.2 with it)
@@ -55,19 +58,25 @@ static void configure() {
   _tile_loadconfig(&cfg);
 }
 
-// bias, ReLU, round to bf16 and store the valid part of a 32 x 32 fp32 block; `stream`: full
-// 64-byte rows go out as non-temporal stores (a large output would otherwise be read in first and
-// evict the weights and inputs from the caches)
+// bias, ReLU, round to bf16 and store the valid part of a 32 x 32 fp32 block: a full block one
+// 64-byte store a row (two 32-byte halves: 4% slower prompt-sized linears on a 2-core Xeon slice);
+// `stream`: those go out as non-temporal stores (a large output would otherwise be read in first
+// and evict the weights and inputs from the caches)
 static inline void store_block(const float* c, const float* bias, bool relu, bf16* out, int64_t ldo, int rows,
                                int cols, bool stream) {
-  if (stream && cols == 32 && ldo % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0) {
+  if (cols == 32) {
+    stream = stream && ldo % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
     const __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
     const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
     for (int m = 0; m < rows; ++m) {
       __m512 lo = _mm512_add_ps(_mm512_load_ps(c + m * 32), b0);
       __m512 hi = _mm512_add_ps(_mm512_load_ps(c + m * 32 + 16), b1);
       if (relu) lo = _mm512_max_ps(lo, _mm512_setzero_ps()), hi = _mm512_max_ps(hi, _mm512_setzero_ps());
-      _mm512_stream_si512((__m512i*)(out + m * ldo), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      if (stream)
+        _mm512_stream_si512((__m512i*)(out + m * ldo), v);
+      else
+        _mm512_storeu_si512(out + m * ldo, v);
     }
     return;
   }
@@ -88,15 +97,16 @@ static int linear(const bf16* x, int64_t sx, const bf16* wp, const float* bias, 
                   int64_t K, bool relu) {
   if (!permitted()) return 1;
   const int64_t Kp = (K + 31) / 32 * 32, KS = Kp / 32, NB = (N + 31) / 32;
-  const int64_t rows = std::min<int64_t>(M, MC), Mp = (rows + 31) / 32 * 32;
+  const int64_t chunk = std::clamp<int64_t>(CHUNK_BYTES / (Kp * int64_t(sizeof(bf16))) / 32 * 32, 64, MC);
+  const int64_t rows = std::min<int64_t>(M, chunk), Mp = (rows + 31) / 32 * 32;
   const bool stream = M * N * int64_t(sizeof(bf16)) > (int64_t(8) << 20);  // > 8 MiB of output
   // the chunk's rows that the tiles cannot read from x in place, zero-padded to whole tiles (32 rows,
   // K to Kp): all of them when K is not a multiple of 32, else only a last partial row tile. (A
   // copy of every chunk cost up to a third of a prompt-sized linear with few outputs.)
   bf16* xa = (bf16*)std::aligned_alloc(64, Mp * Kp * sizeof(bf16));
   if (xa == nullptr) return 2;
-  for (int64_t m0 = 0; m0 < M; m0 += MC) {
-    const int64_t mc = std::min<int64_t>(MC, M - m0), mp = (mc + 31) / 32 * 32;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t mc = std::min<int64_t>(chunk, M - m0), mp = (mc + 31) / 32 * 32;
     const int64_t in_place = K == Kp ? mc / 32 * 32 : 0;  // rows [0, in_place) are read from x
     const auto rows_at = [&](int64_t mb) { return mb < in_place ? x + (m0 + mb) * sx : xa + mb * Kp; };
     const int64_t stride_at[2] = {Kp * 2, sx * 2};
