@@ -178,6 +178,34 @@ def test_opt_layer_norms_run_the_kernel_once_enabled(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_blocks_leaving_their_residual_add_to_the_next_norm_change_no_bits(monkeypatch, dtype, arch):
+    # Transformer.forward has pre-norm blocks return (h, delta) and the next block's norm add them
+    # (one kernel pass); each block adding its own (torch's add) must give the same bits
+    from workers.llm.model import ModelArgs, Transformer, enable_cpu_kernels
+
+    common = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3, "vocab_size": 50,
+              "max_position_embeddings": 64}
+    extra = ({"model_type": "opt", "ffn_dim": 128, "word_embed_proj_dim": 64} if arch == "opt"
+             else {"model_type": "llama", "intermediate_size": 96, "num_key_value_heads": 2})
+    args = ModelArgs.from_hf_config({**common, **extra})
+    torch.manual_seed(0)
+    model = Transformer(args).eval().to(dtype)
+    assert args.pre_norm and enable_cpu_kernels(model)
+    model.setup_caches(3, 40, dtype, torch.device("cpu"))
+    tokens = torch.randint(0, 50, (3, 24))
+    pos = torch.arange(24).expand(3, 24)
+    last = torch.tensor([23, 23, 23])
+    with torch.inference_mode():
+        fused = model(tokens, pos, kv_len=24, prompt_chunk=True)
+        fused_last = model(tokens, pos, logits_index=last, kv_len=24, prompt_chunk=True)
+        monkeypatch.setattr(model.args, "pre_norm", False)  # the model's loop: blocks add their own
+        plain = model(tokens, pos, kv_len=24, prompt_chunk=True)
+        plain_last = model(tokens, pos, logits_index=last, kv_len=24, prompt_chunk=True)
+    assert torch.equal(fused, plain) and torch.equal(fused_last, plain_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_is_swiglus_gate(dtype):
     h = torch.randn(5, 2 * 40, dtype=dtype) * 3
     gate, up = h.chunk(2, dim=-1)

@@ -429,28 +429,42 @@ class TransformerBlock(nn.Module):
         cache_rows: Tensor | None = None,
         kv_len: int | None = None,
         keep: Tensor | None = None,
-    ) -> Tensor:
+        delta: Tensor | None = None,
+        defer: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """keep `[B]`: compute only position keep[b] of each row past the attention (which still
         writes every position's k/v to the cache); returns `[B, 1, dim]`. A prefill's last layer
-        needs nothing more for the next-token logits, and skips most of its work."""
+        needs nothing more for the next-token logits, and skips most of its work.
+
+        Pre-norm blocks only: `delta`, the block's input is x + delta (the previous block's closing
+        residual add, left to this block's norm); `defer`, return (h, delta') for h + delta' and
+        leave that add to the next norm the same way. The add and the norm then take one kernel pass
+        over the activations, not two; the sum is rounded to the model's dtype first, as torch's add
+        does, so no bits change."""
+        if self.pre_norm:
+            if delta is None:
+                normed_in = self.attention_norm(x)
+            else:
+                x, normed_in = _add_norm(self.attention_norm, x, delta)
         residual = x if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]
         if self.pre_norm:
-            attended = self.attention(self.attention_norm(x), input_pos, mask, rope, cache_rows, kv_len, keep)
-            h, normed = self._add_norm(residual, attended)
-            return h + self.feed_forward(normed)
+            attended = self.attention(normed_in, input_pos, mask, rope, cache_rows, kv_len, keep)
+            h, normed = _add_norm(self.ffn_norm, residual, attended)
+            out = self.feed_forward(normed)
+            return (h, out) if defer else h + out
         # post-norm (OPT-350m)
         x = self.attention_norm(residual + self.attention(x, input_pos, mask, rope, cache_rows, kv_len, keep))
         return self.ffn_norm(x + self.feed_forward(x))
 
-    def _add_norm(self, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-        """(x + delta, ffn_norm(x + delta)): one kernel pass when the norm runs in cpu_kernels."""
-        norm = self.ffn_norm
-        if isinstance(norm, RMSNorm) and norm.runs_kernel(x.dtype):
-            return cpu_kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
-        if isinstance(norm, LayerNorm) and norm.runs_kernel(x.dtype):
-            return cpu_kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
-        h = x + delta
-        return h, norm(h)
+
+def _add_norm(norm: nn.Module, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """(x + delta, norm(x + delta)): one kernel pass when the norm runs in cpu_kernels."""
+    if isinstance(norm, RMSNorm) and norm.runs_kernel(x.dtype):
+        return cpu_kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+    if isinstance(norm, LayerNorm) and norm.runs_kernel(x.dtype):
+        return cpu_kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    h = x + delta
+    return h, norm(h)
 
 
 class Transformer(nn.Module):
@@ -587,10 +601,17 @@ class Transformer(nn.Module):
         keep = (
             logits_index if logits_index is not None and logits_index.dim() == 1 and t > FEW_QUERIES else None
         )
+        # pre-norm blocks leave their closing residual add to the next block's norm (see
+        # TransformerBlock.forward); the last block's is done here
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(
-                x, input_pos, mask, rope, cache_rows, kv_len, keep if i == len(self.layers) - 1 else None
-            )
+            last = keep if i == len(self.layers) - 1 else None
+            if self.args.pre_norm:
+                x, delta = layer(x, input_pos, mask, rope, cache_rows, kv_len, last, delta, defer=True)
+            else:
+                x = layer(x, input_pos, mask, rope, cache_rows, kv_len, last)
+        if delta is not None:
+            x = x + delta
         if keep is not None:
             x = x[:, 0]
         elif logits_index is not None:
