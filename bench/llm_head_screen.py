@@ -10,6 +10,7 @@ full head's picks; timings are the best of repeated calls (the heads, 50-77 MB i
 memory every call, as in a decode step). Variants, where this CPU runs them:
 
   bf16 head         the engine's bf16 head (AMX tiles on an AMX CPU, else the AVX-512 kernel) + argmax
+  bf16 head, argmax fused  AmxHeadArgmax: the AMX head with its argmax in the epilogue (AMX CPUs)
   bf16 head, AVX-512  the AVX-512 kernel's bf16 head + argmax (the head a CPU without AMX runs)
   int8 screen       Int8LogitScreen: int8 copy, exact pass over the doubtful logits (AVX512_VNNI)
   fp32 head         the engine's fp32 head + argmax
@@ -37,7 +38,7 @@ import torch
 from bench import results
 from bench.llm_throughput import checkpoint, make_prompts
 from workers.llm import cpu_kernels
-from workers.llm.logit_screen import Int8LogitScreen, LogitScreen
+from workers.llm.logit_screen import AmxHeadArgmax, Int8LogitScreen, LogitScreen
 from workers.llm.model import PackedLinear
 
 TITLE = "LLM greedy head pick"
@@ -92,6 +93,9 @@ def variants(x: torch.Tensor, weight: torch.Tensor) -> list[Variant]:
     xb, wb = x.bfloat16(), weight.bfloat16()
     full = head(wb)
     out.append(("bf16 head", "bf16 head", lambda: cpu_kernels.argmax(full(xb)), none))
+    if full.amx:
+        fused = AmxHeadArgmax(full)
+        out.append(("bf16 head, argmax fused", "bf16 head", lambda: fused(xb), none))
     if cpu_kernels.avx512_linear_available(torch.bfloat16):
         avx, avx_name = full, "bf16 head"
         if full.amx:

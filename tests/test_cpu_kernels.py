@@ -301,6 +301,46 @@ def test_amx_linear_gives_a_row_the_same_bits_in_any_batch(n, k):
         assert torch.equal(cpu_kernels.amx_linear(x[rows], packed, None, n, False), full[rows]), rows
 
 
+@amx
+@pytest.mark.parametrize(("n", "with_bias"), [(50272, False), (1000, True), (37, False)])
+def test_amx_argmax_is_the_argmax_of_the_amx_linear(n, with_bias):
+    # the pick from the fused epilogue must be the argmax of the logits amx_linear writes, by torch's
+    # rules: first maximum (ties inside a block, across blocks and across the threads' column runs),
+    # NaN first, infinities; partial last blocks (37 columns, 1000 = 31 blocks + 8)
+    torch.manual_seed(0)
+    k = 64
+    x = torch.randn(70, k).bfloat16()
+    w = torch.randn(n, k).bfloat16()
+    w[n // 3] = x[10] * 4  # row 10's largest logit, and below, row 11's
+    w[5] = x[11] * 4
+    w[n // 2] = w[n // 3]  # equal columns, equal logits: a tie, in the other thread's columns
+    w[n - 1] = w[n // 3]  # ... and in the last, partial block
+    w[min(n - 1, 20)] = w[5]  # a tie within one block
+    bias = None
+    if with_bias:
+        bias = torch.randn(n)
+        bias[n // 2] = bias[n - 1] = bias[n // 3]
+        bias[20] = bias[5]
+    x[3] = 0  # every logit the bias's (or zero): the first maximum
+    x[4, 0] = float("nan")  # every logit NaN: the first column
+    x[5, 0] = float("inf")  # infinities of both signs, and NaN where they cancel
+    x[6] *= 1e30  # logits past bf16's range: infinities
+    packed = cpu_kernels.amx_pack(w)
+    logits = cpu_kernels.amx_linear(x, packed, bias, n, False)
+    expected = logits.max(dim=-1).indices
+    assert torch.equal(cpu_kernels.argmax(logits), expected)
+    wide = torch.cat([x, x], dim=1)[:, :k]  # the rows of a strided view (a column slice)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):  # the threads' column runs merge in order
+            torch.set_num_threads(threads)
+            assert torch.equal(cpu_kernels.amx_argmax(x, packed, bias, n), expected), threads
+            assert torch.equal(cpu_kernels.amx_argmax(wide, packed, bias, n), expected), threads
+            assert torch.equal(cpu_kernels.amx_argmax(x[7:12], packed, bias, n), expected[7:12]), threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_amx_is_left_out_of_the_avx2_build():
     # GENMILL_CPU_KERNELS=avx2 must give the AVX2 kernels only, on any CPU
     env = {**os.environ, "GENMILL_CPU_KERNELS": "avx2"}

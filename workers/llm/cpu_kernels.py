@@ -112,6 +112,7 @@ _SIGNATURES = {
     "genmill_isa": [],
     "genmill_amx_available": [],
     "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
+    "genmill_amx_argmax": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64],
     "genmill_fma_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
     "genmill_avx512_linear": [_INT, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
 }
@@ -617,6 +618,24 @@ def amx_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int
 @amx_linear.op.register_fake
 def _(x, packed, bias, out_features, relu) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+def amx_argmax(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """`argmax(amx_linear(x, packed, bias, out_features, False))` for bf16 `x` `[M, K]` (rows may be
+    strided): the same ids `[M]`, without writing the logits (csrc/amx_linear.h, `amx::argmax`)."""
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or x.dim() != 2:
+        raise TypeError(f"amx_argmax takes 2-d bf16 inputs and weights, got {x.dtype} {tuple(x.shape)} and {packed.dtype}")
+    _check_bias("amx_argmax", bias, out_features)
+    x = _rows(x)
+    ids = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[0] > 0:
+        status = _library().genmill_amx_argmax(
+            x.data_ptr(), x.stride(0), packed.data_ptr(), _ptr(bias), ids.data_ptr(), *x.shape[:1], out_features,
+            x.shape[1],
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"amx_argmax failed (status {status}): AMX tiles unavailable or out of memory")
+    return ids
 
 
 # ---- fp32 linear on AVX2 + FMA ----

@@ -19,6 +19,9 @@ tile kernel is faster than any int8 screen on the vector units) is screened the 
 int8 copy when the CPU has AVX512_VNNI: VPDPBUSD does four multiply-adds per lane where VDPBF16PS
 does two, and the copy is half the bytes (csrc/int8_screen.h has the bound). Costs the int8 copy
 (half the bf16 head), and for an untied head a row-major bf16 copy.
+
+A bf16 head on AMX tiles is not screened; its greedy rows take the argmax in the head's epilogue
+(`AmxHeadArgmax`), which spares writing a step's logits and reading them back.
 """
 
 from __future__ import annotations
@@ -97,12 +100,33 @@ class Int8LogitScreen:
         return _full_head_where_unscreened(ids, x, self.head)
 
 
-Screen = LogitScreen | Int8LogitScreen
+class AmxHeadArgmax:
+    def __init__(self, head: PackedLinear) -> None:
+        """`head`: a bf16 LM head on the AMX kernel. Not a screen (the head runs in full, there is
+        nothing cheaper than its tiles to screen with): its argmax fused into the head's epilogue."""
+        self.head = head
+        self.recomputed = 0  # (the screens' measure of work: nothing is recomputed here)
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> AmxHeadArgmax | None:
+        head = model.output
+        if isinstance(head, PackedLinear) and head.amx:
+            return cls(head)
+        return None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The greedy token of each row of `x [n, K]` (bf16, rows may be strided): the argmax of the
+        head's logits, which are never written (cpu_kernels.amx_argmax)."""
+        return cpu_kernels.amx_argmax(x, self.head.weight, self.head.kernel_bias, self.head.out_features)
+
+
+Screen = LogitScreen | Int8LogitScreen | AmxHeadArgmax
 
 
 def for_model(model: Transformer) -> Screen | None:
-    """The screen for `model`'s LM head: fp32 from bf16, bf16 from int8, or None where neither applies."""
-    return LogitScreen.for_model(model) or Int8LogitScreen.for_model(model)
+    """The greedy pick for `model`'s LM head: fp32 screened from bf16, bf16 screened from int8, a
+    bf16 head on AMX tiles with its argmax fused in, or None where none applies."""
+    return LogitScreen.for_model(model) or Int8LogitScreen.for_model(model) or AmxHeadArgmax.for_model(model)
 
 
 def _full_head_where_unscreened(ids: Tensor, x: Tensor, head: PackedLinear) -> Tensor:

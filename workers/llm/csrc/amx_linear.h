@@ -24,8 +24,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 namespace amx {
 
@@ -92,16 +94,16 @@ static inline void store_block(const float* c, const float* bias, bool relu, bf1
   }
 }
 
-// y[M, N] = x[M, K] (row stride sx) W^T + bias, W packed as above; bias fp32 or null
-static int linear(const bf16* x, int64_t sx, const bf16* wp, const float* bias, bf16* y, int64_t M, int64_t N,
-                  int64_t K, bool relu) {
+// The sums of x[M, K] (row stride sx) W^T, W packed as above, block by block: out(c, row0, rows, nb)
+// takes the fp32 sums c[r * 32 + j] of rows row0 + r (r < rows) and columns nb * 32 + j of one
+// 32 x 32 block, in the thread (of the OpenMP team) that computed them; each thread has a
+// contiguous run of column blocks, ascending. 0: done; 1: no AMX; 2: out of memory.
+template <typename Out>
+static int blocks(const bf16* x, int64_t sx, const bf16* wp, int64_t M, int64_t N, int64_t K, Out&& out) {
   if (!permitted()) return 1;
   const int64_t Kp = (K + 31) / 32 * 32, KS = Kp / 32, NB = (N + 31) / 32;
   const int64_t chunk = std::clamp<int64_t>(CHUNK_BYTES / (Kp * int64_t(sizeof(bf16))) / 32 * 32, 64, MC);
   const int64_t rows = std::min<int64_t>(M, chunk), Mp = (rows + 31) / 32 * 32;
-  // past 1 MiB of output, non-temporal stores (from 8 MiB, as before: prompt prefills 2-3% slower,
-  // their 6 MiB outputs read in from memory line by line before being written)
-  const bool stream = M * N * int64_t(sizeof(bf16)) > (int64_t(1) << 20);
   // the chunk's rows that the tiles cannot read from x in place, zero-padded to whole tiles (32 rows,
   // K to Kp): all of them when K is not a multiple of 32, else only a last partial row tile. (A
   // copy of every chunk cost up to a third of a prompt-sized linear with few outputs.)
@@ -173,15 +175,95 @@ static int linear(const bf16* x, int64_t sx, const bf16* wp, const float* bias, 
             _tile_stored(3, c + 16 * 32 + 16, 128);
           }
         }
-        for (int64_t mb = 0; mb < mp; mb += 32)
-          store_block(acc + mb * 32, bias ? bias + nb * 32 : nullptr, relu, y + (m0 + mb) * N + nb * 32, N,
-                      int(std::min<int64_t>(32, mc - mb)), int(std::min<int64_t>(32, N - nb * 32)), stream);
+        for (int64_t mb = 0; mb < mp; mb += 32) out(acc + mb * 32, m0 + mb, int(std::min<int64_t>(32, mc - mb)), nb);
       }
       _tile_release();
     }
   }
-  if (stream) _mm_sfence();  // the non-temporal stores are visible before the caller reads y
   std::free(xa);
+  return 0;
+}
+
+// y[M, N] = x[M, K] (row stride sx) W^T + bias, W packed as above; bias fp32 or null
+static int linear(const bf16* x, int64_t sx, const bf16* wp, const float* bias, bf16* y, int64_t M, int64_t N,
+                  int64_t K, bool relu) {
+  // past 1 MiB of output, non-temporal stores (from 8 MiB, as before: prompt prefills 2-3% slower,
+  // their 6 MiB outputs read in from memory line by line before being written)
+  const bool stream = M * N * int64_t(sizeof(bf16)) > (int64_t(1) << 20);
+  const int status = blocks(x, sx, wp, M, N, K, [&](const float* c, int64_t row0, int rows, int64_t nb) {
+    store_block(c, bias ? bias + nb * 32 : nullptr, relu, y + row0 * N + nb * 32, N, rows,
+                int(std::min<int64_t>(32, N - nb * 32)), stream);
+  });
+  if (stream) _mm_sfence();  // the non-temporal stores are visible before the caller reads y
+  return status;
+}
+
+// ids[i]: the argmax of row i of the bf16 logits `linear` (no ReLU) would write, by the argmax
+// kernel's rules (the first maximum; a NaN counts as the maximum, the first one wins), without
+// writing them. For greedy decode steps: the logits are a step's widest output (6 MiB for 64 rows
+// of a 50k vocabulary), written and then read back by the argmax. Each thread keeps, per row and
+// vector lane, the largest value seen and its column (column c in lane c % 16, columns in
+// ascending order, so a strict > keeps the first of equal ones) and the first NaN's column; rows
+// reduce their lanes at the end, the threads' runs (ascending columns) in thread order.
+static int argmax(const bf16* x, int64_t sx, const bf16* wp, const float* bias, int64_t* ids, int64_t M, int64_t N,
+                  int64_t K) {
+  struct alignas(64) Lanes {
+    float value[16];
+    int32_t id[16];   // -1: no column yet
+    int32_t nan[16];  // the lane's first NaN column, or INT32_MAX
+  };
+  const int nth = omp_get_max_threads();
+  std::vector<Lanes> lanes(size_t(nth) * M);
+  for (Lanes& l : lanes)
+    for (int j = 0; j < 16; ++j) l.value[j] = -INFINITY, l.id[j] = -1, l.nan[j] = INT32_MAX;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int status = blocks(x, sx, wp, M, N, K, [&](const float* c, int64_t row0, int rows, int64_t nb) {
+    const int cols = int(std::min<int64_t>(32, N - nb * 32));
+    const __mmask16 m_lo = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __mmask16 m_hi = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0;
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m_lo, bias + nb * 32) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m_hi, bias + nb * 32 + 16) : _mm512_setzero_ps();
+    const __m512i id_lo = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(nb * 32)));
+    const __m512i id_hi = _mm512_add_epi32(id_lo, _mm512_set1_epi32(16));
+    Lanes* const mine = lanes.data() + size_t(omp_get_thread_num()) * M + row0;
+    for (int r = 0; r < rows; ++r) {
+      // the logits as `linear` rounds them to bf16, back in fp32 (exact)
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_load_ps(c + r * 32 + 16), b1),
+                                                        _mm512_add_ps(_mm512_load_ps(c + r * 32), b0));
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(both)), 16));
+      const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1)), 16));
+      Lanes& l = mine[r];
+      __m512 v = _mm512_load_ps(l.value);
+      __m512i id = _mm512_load_si512(l.id), nan = _mm512_load_si512(l.nan);
+      const __mmask16 unset = _mm512_cmplt_epi32_mask(id, _mm512_setzero_si512());
+      // lane by lane: the low half's column first, then the high half's (ascending columns)
+      __mmask16 take = _mm512_mask_cmp_ps_mask(m_lo, lo, v, _CMP_GT_OQ) | (unset & m_lo);
+      v = _mm512_mask_mov_ps(v, take, lo), id = _mm512_mask_mov_epi32(id, take, id_lo);
+      take = _mm512_mask_cmp_ps_mask(m_hi, hi, v, _CMP_GT_OQ);
+      v = _mm512_mask_mov_ps(v, take, hi), id = _mm512_mask_mov_epi32(id, take, id_hi);
+      const __mmask16 first_nan = _mm512_cmpeq_epi32_mask(nan, _mm512_set1_epi32(INT32_MAX));
+      nan = _mm512_mask_mov_epi32(nan, first_nan & _mm512_mask_cmp_ps_mask(m_lo, lo, lo, _CMP_UNORD_Q), id_lo);
+      nan = _mm512_mask_min_epi32(nan, _mm512_mask_cmp_ps_mask(m_hi, hi, hi, _CMP_UNORD_Q), nan, id_hi);
+      _mm512_store_ps(l.value, v);
+      _mm512_store_si512(l.id, id);
+      _mm512_store_si512(l.nan, nan);
+    }
+  });
+  if (status != 0) return status;
+  for (int64_t i = 0; i < M; ++i) {
+    // the first NaN of any thread's run; else the largest value, the first column among equals
+    int64_t pick = -1, first_nan = INT64_MAX;
+    float top = -INFINITY;
+    for (int t = 0; t < nth; ++t) {
+      const Lanes& l = lanes[size_t(t) * M + i];
+      for (int j = 0; j < 16; ++j) {
+        if (l.nan[j] != INT32_MAX) first_nan = std::min<int64_t>(first_nan, l.nan[j]);
+        if (l.id[j] < 0) continue;
+        if (pick < 0 || l.value[j] > top || (l.value[j] == top && l.id[j] < pick)) top = l.value[j], pick = l.id[j];
+      }
+    }
+    ids[i] = first_nan != INT64_MAX ? first_nan : pick;
+  }
   return 0;
 }
 

@@ -14,6 +14,7 @@
 //   genmill_screened_argmax  greedy pick of an fp32 LM head from its bf16 copy, exact
 //   genmill_int8_screen   greedy pick of a bf16 LM head from its int8 copy, exact
 //   genmill_amx_linear    bf16 linear on AMX tiles, a row's result independent of the row count
+//   genmill_amx_argmax    the argmax of each row of its output, without writing the output
 //   genmill_fma_linear    fp32 linear on AVX2 + FMA tiles, the same property
 
 #include <algorithm>
@@ -778,6 +779,15 @@ extern "C" int genmill_amx_linear(const void* x, int64_t sx, const void* wp, con
                                   int64_t N, int64_t K, int relu) {
 #ifdef GENMILL_AMX
   return amx::linear((const bf16*)x, sx, (const bf16*)wp, bias, (bf16*)y, M, N, K, relu != 0);
+#else
+  return 1;
+#endif
+}
+
+extern "C" int genmill_amx_argmax(const void* x, int64_t sx, const void* wp, const float* bias, int64_t* ids,
+                                  int64_t M, int64_t N, int64_t K) {
+#ifdef GENMILL_AMX
+  return amx::argmax((const bf16*)x, sx, (const bf16*)wp, bias, ids, M, N, K);
 #else
   return 1;
 #endif
