@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
-from workers.llm.engine import GenRequest
+from pathlib import Path
+from typing import Any
+
+from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.sampling import SamplingParams
+
+WAYS = {"picked": {}, "full head": {"greedy_screen": False}, "module path": {"fast_decode": False}}
 
 
 def greedy_and_mixed() -> dict[str, list[GenRequest]]:
@@ -17,3 +22,19 @@ def greedy_and_mixed() -> dict[str, list[GenRequest]]:
             GenRequest(prompt_ids=p, params=sampled if i == 2 else greedy) for i, p in enumerate(prompts)
         ],
     }
+
+
+def generate_three_ways(folder: Path, dtype: str) -> tuple[dict[str, dict[str, list]], dict[str, Any]]:
+    """The token ids of each `greedy_and_mixed` batch generated three ways (WAYS: the engine's
+    greedy pick, the full LM head, the module path), by way and batch; and each way's greedy pick
+    object (None where the full head picks)."""
+    tokens: dict[str, dict[str, list]] = {}
+    picks: dict[str, Any] = {}
+    for way, options in WAYS.items():
+        engine = LLMEngine.load(folder, dtype=dtype, max_batch_size=4, **options)
+        tokens[way] = {
+            name: [o.token_ids for o in engine.generate(requests).outcomes]
+            for name, requests in greedy_and_mixed().items()
+        }
+        picks[way] = engine.steps._fast.screen if engine.steps._fast is not None else None
+    return tokens, picks

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.greedy_batches import greedy_and_mixed
+from tests.greedy_batches import generate_three_ways
 from workers.llm import cpu_kernels
-from workers.llm.engine import LLMEngine
 from workers.llm.logit_screen import Int8LogitScreen, unpack_avx512
 from workers.llm.model import PackedLinear
 from workers.llm.tiny import build_tiny_checkpoint
@@ -109,20 +108,7 @@ def test_unpack_inverts_the_bf16_avx512_packing():
 def test_bf16_greedy_generation_is_unchanged_by_the_screen(tmp_path, monkeypatch, arch, overrides):
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # bf16 linears on the AVX-512 kernel
     folder = build_tiny_checkpoint(tmp_path / arch, arch=arch, num_hidden_layers=2, **overrides)
-    batches = greedy_and_mixed()
-    outputs = {}
-    for way, options in {
-        "screened": {},
-        "full head": {"greedy_screen": False},
-        "module path": {"fast_decode": False},
-    }.items():
-        engine = LLMEngine.load(folder, dtype="bfloat16", max_batch_size=4, **options)
-        for name, requests in batches.items():
-            outputs[way, name] = [o.token_ids for o in engine.generate(requests).outcomes]
-        screen = engine.steps._fast.screen if engine.steps._fast is not None else None
-        if way == "screened":
-            assert isinstance(screen, Int8LogitScreen) and screen.recomputed > 0
-        else:
-            assert screen is None
-    for name in batches:
-        assert outputs["screened", name] == outputs["full head", name] == outputs["module path", name]
+    tokens, picks = generate_three_ways(folder, "bfloat16")
+    assert isinstance(picks["picked"], Int8LogitScreen) and picks["picked"].recomputed > 0
+    assert picks["full head"] is None and picks["module path"] is None
+    assert tokens["picked"] == tokens["full head"] == tokens["module path"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.greedy_batches import greedy_and_mixed
+from tests.greedy_batches import generate_three_ways, greedy_and_mixed
 from workers.llm import cpu_kernels
 from workers.llm.engine import GenRequest, LLMEngine
 from workers.llm.logit_screen import AmxHeadArgmax, LogitScreen, unpack_avx512
@@ -141,17 +141,7 @@ def test_a_plan_rebuilt_for_a_bigger_cache_keeps_the_screen(tmp_path):
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_bf16_greedy_steps_on_amx_take_the_fused_argmax_with_the_same_tokens(tmp_path, arch):
     folder = build_tiny_checkpoint(tmp_path / arch, arch=arch, num_hidden_layers=2)
-    batches = greedy_and_mixed()
-    outputs = {}
-    for way, options in {
-        "fused": {},
-        "full head": {"greedy_screen": False},
-        "module path": {"fast_decode": False},
-    }.items():
-        engine = LLMEngine.load(folder, dtype="bfloat16", max_batch_size=4, **options)
-        for name, requests in batches.items():
-            outputs[way, name] = [o.token_ids for o in engine.generate(requests).outcomes]
-        pick = engine.steps._fast.screen if engine.steps._fast is not None else None
-        assert isinstance(pick, AmxHeadArgmax) if way == "fused" else pick is None
-    for name in batches:
-        assert outputs["fused", name] == outputs["full head", name] == outputs["module path", name]
+    tokens, picks = generate_three_ways(folder, "bfloat16")
+    assert isinstance(picks["picked"], AmxHeadArgmax)
+    assert picks["full head"] is None and picks["module path"] is None
+    assert tokens["picked"] == tokens["full head"] == tokens["module path"]
