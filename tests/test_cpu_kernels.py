@@ -289,10 +289,11 @@ def test_amx_linear_is_the_bf16_linear_rounded_once(n, k):
 
 
 @amx
-@pytest.mark.parametrize(("n", "k"), [(2304, 768), (768, 3072)])
+@pytest.mark.parametrize(("n", "k"), [(2304, 768), (768, 3072), (200, 72)])
 def test_amx_linear_gives_a_row_the_same_bits_in_any_batch(n, k):
     # a speculative verification runs batch x (k+1) rows where a decode step runs batch rows; rows
-    # go through in chunks of 256 (K = 768) or 128 (K = 3072), chunk edges must not show either
+    # go through in chunks of 256 (K = 768) or 128 (K = 3072), chunk edges must not show either;
+    # K = 72 (not whole tile steps): every chunk's rows are copied, padded, between the chunks
     torch.manual_seed(0)
     w, x = torch.randn(n, k).bfloat16(), torch.randn(300, k).bfloat16()
     packed = cpu_kernels.amx_pack(w)

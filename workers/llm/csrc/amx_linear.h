@@ -109,27 +109,33 @@ static int blocks(const bf16* x, int64_t sx, const bf16* wp, int64_t M, int64_t 
   // copy of every chunk cost up to a third of a prompt-sized linear with few outputs.)
   bf16* xa = (bf16*)std::aligned_alloc(64, Mp * Kp * sizeof(bf16));
   if (xa == nullptr) return 2;
-  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-    const int64_t mc = std::min<int64_t>(chunk, M - m0), mp = (mc + 31) / 32 * 32;
-    const int64_t in_place = K == Kp ? mc / 32 * 32 : 0;  // rows [0, in_place) are read from x
-    const auto rows_at = [&](int64_t mb) { return mb < in_place ? x + (m0 + mb) * sx : xa + mb * Kp; };
-    const int64_t stride_at[2] = {Kp * 2, sx * 2};
+  // one parallel region for all chunks, the threads meeting only where a chunk's rows are copied
+  // (a region per chunk: prompt-sized linears 5-8% slower on a 2-core Xeon slice)
 #pragma omp parallel
-    {
+  {
+    configure();
+    // fp32 partial sums of one column block over the chunk's rows, carried between K slices
+    alignas(64) float acc[MC * 32];
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+      const int64_t mc = std::min<int64_t>(chunk, M - m0), mp = (mc + 31) / 32 * 32;
+      const int64_t in_place = K == Kp ? mc / 32 * 32 : 0;  // rows [0, in_place) are read from x
+      const auto rows_at = [&](int64_t mb) { return mb < in_place ? x + (m0 + mb) * sx : xa + mb * Kp; };
+      const int64_t stride_at[2] = {Kp * 2, sx * 2};
+      if (in_place < mp) {  // (the same in every thread)
+        // every thread is done with the previous chunk's copy before this one overwrites it
+#pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t m = in_place; m < mp; ++m) {
-        bf16* dst = xa + m * Kp;
-        if (m < mc) {
-          std::memcpy(dst, x + (m0 + m) * sx, K * sizeof(bf16));
-          std::memset(dst + K, 0, (Kp - K) * sizeof(bf16));
-        } else {
-          std::memset(dst, 0, Kp * sizeof(bf16));
+        for (int64_t m = in_place; m < mp; ++m) {
+          bf16* dst = xa + m * Kp;
+          if (m < mc) {
+            std::memcpy(dst, x + (m0 + m) * sx, K * sizeof(bf16));
+            std::memset(dst + K, 0, (Kp - K) * sizeof(bf16));
+          } else {
+            std::memset(dst, 0, Kp * sizeof(bf16));
+          }
         }
+        // (implicit barrier: the chunk's rows are in place)
       }
-      // (implicit barrier: the chunk's rows are in place)
-      configure();
-      // fp32 partial sums of one column block over the chunk's rows, carried between K slices
-      alignas(64) float acc[MC * 32];
       // each thread a contiguous run of column blocks: one weight stream, prefetched into L2 AHEAD
       // bytes ahead of its reads, spread over the tile steps
       const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -177,8 +183,8 @@ static int blocks(const bf16* x, int64_t sx, const bf16* wp, int64_t M, int64_t 
         }
         for (int64_t mb = 0; mb < mp; mb += 32) out(acc + mb * 32, m0 + mb, int(std::min<int64_t>(32, mc - mb)), nb);
       }
-      _tile_release();
     }
+    _tile_release();
   }
   std::free(xa);
   return 0;
