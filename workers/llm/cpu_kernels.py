@@ -624,15 +624,15 @@ def amx_argmax(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int
     """`argmax(amx_linear(x, packed, bias, out_features, False))` for bf16 `x` `[M, K]` (rows may be
     strided): the same ids `[M]`, without writing the logits (csrc/amx_linear.h, `amx::argmax`)."""
     if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or x.dim() != 2:
-        raise TypeError(f"amx_argmax takes 2-d bf16 inputs and weights, got {x.dtype} {tuple(x.shape)} and {packed.dtype}")
+        got = f"{x.dtype} {tuple(x.shape)} and {packed.dtype}"
+        raise TypeError(f"amx_argmax takes 2-d bf16 inputs and weights, got {got}")
     _check_bias("amx_argmax", bias, out_features)
     x = _rows(x)
-    ids = torch.empty(x.shape[0], dtype=torch.int64)
-    if x.shape[0] > 0:
+    (m, k), ids = x.shape, torch.empty(x.shape[0], dtype=torch.int64)
+    if m > 0:
         status = _library().genmill_amx_argmax(
-            x.data_ptr(), x.stride(0), packed.data_ptr(), _ptr(bias), ids.data_ptr(), *x.shape[:1], out_features,
-            x.shape[1],
-        )  # fmt: skip
+            x.data_ptr(), x.stride(0), packed.data_ptr(), _ptr(bias), ids.data_ptr(), m, out_features, k
+        )
         if status != 0:
             raise RuntimeError(f"amx_argmax failed (status {status}): AMX tiles unavailable or out of memory")
     return ids

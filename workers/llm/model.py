@@ -441,19 +441,21 @@ class TransformerBlock(nn.Module):
         leave that add to the next norm the same way. The add and the norm then take one kernel pass
         over the activations, not two; the sum is rounded to the model's dtype first, as torch's add
         does, so no bits change."""
+
+        def kept(t: Tensor) -> Tensor:
+            return t if keep is None else t[torch.arange(t.shape[0], device=t.device), keep][:, None]
+
         if self.pre_norm:
             if delta is None:
                 normed_in = self.attention_norm(x)
             else:
                 x, normed_in = _add_norm(self.attention_norm, x, delta)
-        residual = x if keep is None else x[torch.arange(x.shape[0], device=x.device), keep][:, None]
-        if self.pre_norm:
             attended = self.attention(normed_in, input_pos, mask, rope, cache_rows, kv_len, keep)
-            h, normed = _add_norm(self.ffn_norm, residual, attended)
+            h, normed = _add_norm(self.ffn_norm, kept(x), attended)
             out = self.feed_forward(normed)
             return (h, out) if defer else h + out
         # post-norm (OPT-350m)
-        x = self.attention_norm(residual + self.attention(x, input_pos, mask, rope, cache_rows, kv_len, keep))
+        x = self.attention_norm(kept(x) + self.attention(x, input_pos, mask, rope, cache_rows, kv_len, keep))
         return self.ffn_norm(x + self.feed_forward(x))
 
 
