@@ -512,7 +512,7 @@ def report(
                 f"as {dtype} work, so {dtype} decode GFLOP/s and roofline are {dtype}-equivalent figures"
                 for dtype, copy, applies in (
                     ("float32", "a bf16 copy", avx512_linear_available(torch.bfloat16)),
-                    ("bfloat16", "an int8 copy", int8_screen_available() and not amx_available()),
+                    ("bfloat16", "an int8 copy", int8_screen_available(amx=amx_available())),
                 )
                 if applies
             )

@@ -1,5 +1,6 @@
 """Greedy picks for a bf16 LM head from its int8 copy are the bf16 head's argmax, exactly
-(workers.llm.logit_screen.Int8LogitScreen, csrc/int8_screen.h)."""
+(workers.llm.logit_screen.Int8LogitScreen, csrc/int8_screen.h), for a head on the AVX-512 kernel
+(VPDPBUSD sums, VDPBF16PS exact pass) and one on AMX tiles (TDPBUSD sums, exact pass on the tiles)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from tests.greedy_batches import generate_three_ways
 from workers.llm import cpu_kernels
-from workers.llm.logit_screen import Int8LogitScreen, unpack_avx512
+from workers.llm.logit_screen import Int8LogitScreen, unpack_amx, unpack_avx512
 from workers.llm.model import PackedLinear
 from workers.llm.tiny import build_tiny_checkpoint
 
@@ -18,35 +19,52 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _bf16_argmax(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the engine's bf16 LM head on the AVX-512 kernel and its greedy pick give."""
-    logits = cpu_kernels.avx512_linear(x, cpu_kernels.avx512_pack(w), None, w.shape[0], False)
+# the head's kernel: "avx512" (a CPU without AMX; forced on an AMX one) or "amx"
+HEADS = [
+    "avx512",
+    pytest.param(
+        "amx", marks=pytest.mark.skipif(not cpu_kernels.int8_screen_available(amx=True), reason="no AMX here")
+    ),
+]
+
+
+def _bf16_argmax(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
+    """What the engine's bf16 LM head on `kernel` and its greedy pick give."""
+    if kernel == "amx":
+        logits = cpu_kernels.amx_linear(x, cpu_kernels.amx_pack(w), None, w.shape[0], False)
+    else:
+        logits = cpu_kernels.avx512_linear(x, cpu_kernels.avx512_pack(w), None, w.shape[0], False)
     return cpu_kernels.argmax(logits)
 
 
-def _screen(w: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> Int8LogitScreen:
-    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # the head on the AVX-512 kernel
+def _screen(w: torch.Tensor, monkeypatch: pytest.MonkeyPatch, kernel: str) -> Int8LogitScreen:
+    if kernel == "avx512":
+        monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # the head on the AVX-512 kernel
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
     linear.weight.data = w.clone()
     head = PackedLinear(linear, batch_hint=8)
-    assert head.avx512
-    return Int8LogitScreen(head, w)
+    assert head.amx if kernel == "amx" else head.avx512
+    screen = Int8LogitScreen(head, w)
+    assert screen.int8.amx == (kernel == "amx")
+    return screen
 
 
+@pytest.mark.parametrize("kernel", HEADS)
 @pytest.mark.parametrize(("seed", "v", "k"), [(0, 3001, 96), (1, 5000, 70), (2, 2000, 256), (3, 50, 8)])
-def test_the_pick_is_the_bf16_argmax_with_few_logits_recomputed(monkeypatch, seed, v, k):
+def test_the_pick_is_the_bf16_argmax_with_few_logits_recomputed(monkeypatch, seed, v, k, kernel):
     # narrow last panels, K not a multiple of 4, rows of very different norms, an outlier in x
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(v, k, generator=g) * torch.rand(v, 1, generator=g).mul(3).add(0.05)).bfloat16()
     x = torch.randn(13, k, generator=g) * (1 + seed)
     x[2, 1] = 40
     x = x.bfloat16()
-    screen = _screen(w, monkeypatch)
-    assert torch.equal(screen(x), _bf16_argmax(x, w))
+    screen = _screen(w, monkeypatch, kernel)
+    assert torch.equal(screen(x), _bf16_argmax(x, w, kernel))
     assert 13 <= screen.recomputed < 13 * max(v // 20, 16)
 
 
-def test_exact_and_near_ties_resolve_as_the_bf16_argmax_does(monkeypatch):
+@pytest.mark.parametrize("kernel", HEADS)
+def test_exact_and_near_ties_resolve_as_the_bf16_argmax_does(monkeypatch, kernel):
     g = torch.Generator().manual_seed(7)
     v, k = 700, 64
     w = torch.randn(v, k, generator=g) * 0.1
@@ -57,14 +75,15 @@ def test_exact_and_near_ties_resolve_as_the_bf16_argmax_does(monkeypatch):
     w[650, 5] = w[123, 5] + w[123, 5].abs() * 2**-7  # one bf16 step apart in one value
     w = w.bfloat16()
     x = torch.stack([w[123].float() * 40, -w[123].float() * 40, torch.randn(k, generator=g)]).bfloat16()
-    screen = _screen(w, monkeypatch)
+    screen = _screen(w, monkeypatch, kernel)
     ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
-    assert torch.equal(ids, _bf16_argmax(x, w))
+    assert torch.equal(ids, _bf16_argmax(x, w, kernel))
     assert kept[0] >= 5  # the tied and near-tied rows were all recomputed
 
 
+@pytest.mark.parametrize("kernel", HEADS)
 @pytest.mark.parametrize("seed", range(3))
-def test_a_crowd_closer_than_int8_can_tell_apart_still_gives_the_bf16_pick(monkeypatch, seed):
+def test_a_crowd_closer_than_int8_can_tell_apart_still_gives_the_bf16_pick(monkeypatch, seed, kernel):
     # 400 rows within ~1e-2 of one another: int8 rounding (max/254 per value) cannot order them, so
     # the bound must keep the whole crowd for the exact pass
     g = torch.Generator().manual_seed(seed)
@@ -74,13 +93,14 @@ def test_a_crowd_closer_than_int8_can_tell_apart_still_gives_the_bf16_pick(monke
         [base + 1e-2 * torch.randn(400, k, generator=g), torch.randn(600, k, generator=g)]
     ).bfloat16()
     x = torch.stack([base, base * 3 + 0.01 * torch.randn(k, generator=g)]).bfloat16()
-    screen = _screen(w, monkeypatch)
+    screen = _screen(w, monkeypatch, kernel)
     ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
-    assert torch.equal(ids, _bf16_argmax(x, w))
+    assert torch.equal(ids, _bf16_argmax(x, w, kernel))
     assert (kept >= 100).all()
 
 
-def test_rows_it_cannot_screen_take_the_full_head(monkeypatch):
+@pytest.mark.parametrize("kernel", HEADS)
+def test_rows_it_cannot_screen_take_the_full_head(monkeypatch, kernel):
     # an infinity in x; a zero row (every logit 0: the first index) and a crowd of 5000 equal
     # columns (more than the screen recomputes) both leave every logit in doubt
     g = torch.Generator().manual_seed(3)
@@ -91,24 +111,41 @@ def test_rows_it_cannot_screen_take_the_full_head(monkeypatch):
     x[2] = 0
     x[3] = 1
     x = x.bfloat16()
-    screen = _screen(w, monkeypatch)
+    screen = _screen(w, monkeypatch, kernel)
     ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
     assert ids[0] >= 0 and (ids[1:] == -1).all() and kept[2] == 5200
     picks = screen(x)
-    assert torch.equal(picks, _bf16_argmax(x, w))
+    assert torch.equal(picks, _bf16_argmax(x, w, kernel))
     assert picks[2] == 0
 
 
-def test_unpack_inverts_the_bf16_avx512_packing():
+def test_unpack_inverts_the_bf16_packings():
     w = torch.randn(101, 40).bfloat16()
     assert torch.equal(unpack_avx512(cpu_kernels.avx512_pack(w), 101, 40), w)
+    assert torch.equal(unpack_amx(cpu_kernels.amx_pack(w), 101, 40), w)
 
 
+@pytest.mark.parametrize("kernel", HEADS)
 @pytest.mark.parametrize(("arch", "overrides"), [("opt", {}), ("llama", {"tie_word_embeddings": False})])
-def test_bf16_greedy_generation_is_unchanged_by_the_screen(tmp_path, monkeypatch, arch, overrides):
-    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # bf16 linears on the AVX-512 kernel
+def test_bf16_greedy_generation_is_unchanged_by_the_screen(tmp_path, monkeypatch, arch, overrides, kernel):
+    if kernel == "avx512":
+        monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # bf16 linears on the AVX-512 kernel
     folder = build_tiny_checkpoint(tmp_path / arch, arch=arch, num_hidden_layers=2, **overrides)
     tokens, picks = generate_three_ways(folder, "bfloat16")
     assert isinstance(picks["picked"], Int8LogitScreen) and picks["picked"].recomputed > 0
+    assert picks["picked"].int8.amx == (kernel == "amx")
     assert picks["full head"] is None and picks["module path"] is None
     assert tokens["picked"] == tokens["full head"] == tokens["module path"]
+
+
+@pytest.mark.parametrize("kernel", HEADS)
+def test_an_all_zero_column_leaves_its_panels_bound_alone(monkeypatch, kernel):
+    # a zero column (OPT's padding token) has scale 1 and a zero sum: its a' is exact, so the bound's
+    # rounding term, which grows with the panel's largest scale, must not take that 1
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(96, 64, generator=g) * 0.02).bfloat16()
+    w[1] = 0
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    screen = _screen(w, monkeypatch, kernel)
+    assert screen.int8.scale[1] == 1 and screen.int8.scale_max[0] < 0.01
+    assert torch.equal(screen(x), _bf16_argmax(x, w, kernel))

@@ -108,7 +108,7 @@ _SIGNATURES = {
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_screened_argmax": [_PTR, _I64, _PTR, _PTR, _F32, _I64, _I64, _I64, _PTR, _PTR],
-    "genmill_int8_screen": [_PTR, _I64] + [_PTR] * 7 + [_F32, _I64, _I64, _I64, _PTR, _PTR],
+    "genmill_int8_screen": [_PTR, _I64] + [_PTR] * 7 + [_F32, _I64, _I64, _I64, _INT, _PTR, _PTR],
     "genmill_isa": [],
     "genmill_amx_available": [],
     "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
@@ -436,40 +436,44 @@ def screened_argmax(x: Tensor, approx: Tensor, weight: Tensor, wmax: float) -> t
 @dataclass(frozen=True)
 class Int8Head:
     """The int8 copy of a bf16 LM head `[N, K]` that `int8_screened_argmax` reads (csrc/int8_screen.h):
-    W ~ scale * wq per column, wq packed in `avx512_linear`'s panels of 4-byte K steps, and the
-    error bound's terms, per panel."""
+    W ~ scale * wq per column, wq packed in `avx512_linear`'s panels of 4-byte K steps (or, `amx`,
+    in `amx_linear`'s blocks of 32 columns and 64-byte K steps, for a head on AMX tiles), and the
+    error bound's terms, per panel (or block)."""
 
     wq: Tensor  # int8, flat
     colsum: Tensor  # int32 [N]: 128 x each column's int8 sum
     scale: Tensor  # fp32 [N]
-    # per panel of 48 columns, rounded up: the largest scale, sum |W_v| and |W_v - scale_v wq_v|_2
+    # per panel of 48 columns (block of 32), rounded up: the largest scale, sum |W_v| and
+    # |W_v - scale_v wq_v|_2
     scale_max: Tensor
     l1: Tensor
     err2: Tensor
-    tiny: float  # covers the bf16 products VDPBF16PS flushes to zero
+    tiny: float  # covers the bf16 products VDPBF16PS (TDPBF16PS) flushes to zero
     n: int
     k: int
+    amx: bool = False
 
 
 @functools.cache
-def int8_screen_available() -> bool:
+def int8_screen_available(amx: bool = False) -> bool:
     """Whether `int8_screened_argmax` runs here: the AVX-512 build on a CPU with AVX512_VNNI and
-    AVX512_BF16."""
+    AVX512_BF16 (`amx`: for a head on AMX tiles, which the CPU has too)."""
     lib = _library()
-    if lib is None or not avx512_linear_available(torch.bfloat16):
+    if lib is None or not avx512_linear_available(torch.bfloat16) or (amx and not amx_available()):
         return False
-    head = int8_screen_pack(torch.ones(1, 4, dtype=torch.bfloat16))
+    head = int8_screen_pack(torch.ones(1, 4, dtype=torch.bfloat16), amx=amx)
     x = w = torch.ones(1, 4, dtype=torch.bfloat16)
     return _int8_screen(x, head, w)[0] == 0
 
 
-def int8_screen_pack(weight: Tensor, block: int = 4096) -> Int8Head:
+def int8_screen_pack(weight: Tensor, amx: bool = False, block: int = 4096) -> Int8Head:
     """A bf16 head `[N, K]` (K even) -> its `Int8Head` (per-column symmetric int8, the bound terms
-    in float64 and rounded up to fp32; `block` rows at a time)."""
+    in float64 and rounded up to fp32; `block` rows at a time); `amx`: for the head's AMX tiles."""
     n, k = weight.shape
     if weight.dtype != torch.bfloat16 or k % 2:
         raise ValueError(f"int8_screen_pack takes a bf16 weight with an even K, got {weight.dtype} {(n, k)}")
     kq = -(-k // 4) * 4
+    panel = AMX_BLOCK if amx else AVX512_PANEL
     parts: dict[str, list[Tensor]] = {"q": [], "scale": [], "l1": [], "err2": []}
     wmax = 0.0
     for w in weight.split(block):
@@ -482,28 +486,39 @@ def int8_screen_pack(weight: Tensor, block: int = 4096) -> Int8Head:
         parts["scale"].append(scale)
         parts["l1"].append(float32_up(w.abs().sum(dim=1)))
         parts["err2"].append(float32_up((w - scale.double()[:, None] * q).norm(dim=1)))
-    q = torch.nn.functional.pad(torch.cat(parts["q"]), (0, kq - k))
-    packed = torch.cat([p.view(p.shape[0], -1, 4).transpose(0, 1).reshape(-1) for p in q.split(AVX512_PANEL)])
+    q = torch.cat(parts["q"])
+    if amx:
+        # [nb][ks][t][quad][c][e] = q[nb*32 + t*16 + c, ks*64 + 4*quad + e], N to 32 and K to 64 zero-padded
+        np_, kp = -(-n // AMX_BLOCK) * AMX_BLOCK, -(-k // 64) * 64
+        w = torch.nn.functional.pad(q, (0, kp - k, 0, np_ - n))
+        packed = w.view(np_ // 32, 2, 16, kp // 64, 16, 4).permute(0, 3, 1, 4, 2, 5).contiguous().view(-1)
+    else:  # avx512_linear's panels of 4-byte K steps
+        w = torch.nn.functional.pad(q, (0, kq - k))
+        packed = torch.cat([p.view(p.shape[0], -1, 4).transpose(0, 1).reshape(-1) for p in w.split(panel)])
     scale = torch.cat(parts["scale"])
+    # the bound's rounding term scales with |a'| <= Kq 127^2 scale: 0 for an all-zero column (its scale,
+    # 1, multiplies a zero sum), which must not set its panel's term
+    nonzero = torch.cat([(p != 0).any(dim=1) for p in parts["q"]])
 
     def per_panel(values: Tensor) -> Tensor:
-        return torch.stack([p.max() for p in values.split(AVX512_PANEL)]).contiguous()
+        return torch.stack([p.max() for p in values.split(panel)]).contiguous()
 
     return Int8Head(
         wq=packed,
         colsum=(q.sum(dim=1, dtype=torch.int32) * 128).contiguous(),
         scale=scale,
-        scale_max=per_panel(scale),
+        scale_max=per_panel(torch.where(nonzero, scale, 0)),
         l1=per_panel(torch.cat(parts["l1"])),
         err2=per_panel(torch.cat(parts["err2"])),
         tiny=float(float32_up(torch.tensor(2.0**-100 * k * (1 + wmax), dtype=torch.float64))),
         n=n,
         k=k,
+        amx=amx,
     )
 
 
 def int8_screened_argmax(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """The argmax of `x @ weight.T` as `avx512_linear` computes it in bf16 (first maximum), found
+    """The argmax of `x @ weight.T` as `avx512_linear` (`head.amx`: `amx_linear`) computes it in bf16 (first maximum), found
     from `head`, the int8 copy of `weight`, and recomputed exactly only where the copy's error bound
     leaves a doubt (see csrc/int8_screen.h). x `[M, K]` bf16, weight `[N, K]` bf16 row-major (under
     2 GiB: the exact pass addresses it with 32-bit offsets). Returns ids `[M]` (-1 where a value is
@@ -517,7 +532,8 @@ def int8_screened_argmax(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[Ten
         raise ValueError(f"int8_screened_argmax: shapes do not fit: {got}")
     status, ids, kept = _int8_screen(x, head, weight.contiguous())
     if status != 0:
-        raise RuntimeError("int8_screened_argmax needs AVX512_VNNI and AVX512_BF16 (not built here)")
+        need = "AMX tiles, " if head.amx else ""
+        raise RuntimeError(f"int8_screened_argmax needs {need}AVX512_VNNI and AVX512_BF16 (not built here)")
     return ids, kept
 
 
@@ -528,8 +544,7 @@ def _int8_screen(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[int, Tensor
     status = _library().genmill_int8_screen(
         x.data_ptr(), x.stride(0), head.wq.data_ptr(), head.colsum.data_ptr(), head.scale.data_ptr(),
         head.scale_max.data_ptr(), head.l1.data_ptr(), head.err2.data_ptr(), weight.data_ptr(), head.tiny, m,
-        head.n, head.k,
-        ids.data_ptr(), kept.data_ptr(),
+        head.n, head.k, int(head.amx), ids.data_ptr(), kept.data_ptr(),
     )  # fmt: skip
     return status, ids, kept
 

@@ -157,8 +157,8 @@ class LLMEngine:
             per-call Python), where the model's layers all run on GenMill's kernels; an all-greedy
             step also picks its tokens from a cheaper copy of the LM head, exactly, where one
             applies (`workers.llm.logit_screen`: bf16 for an fp32 head on an AVX512_BF16 CPU, int8
-            for a bf16 head on an AVX512_VNNI CPU without AMX), and a bf16 head on AMX tiles takes
-            the argmax in its epilogue, without writing the logits.
+            for a bf16 head on an AVX512_VNNI CPU, on AMX tiles too), and a bf16 head on AMX tiles
+            that int8 does not cover takes the argmax in its epilogue, without writing the logits.
           greedy_screen: False keeps the full LM head and its logits for all-greedy flat steps too
             (the same tokens; to compare the two, or where the copy's memory matters).
         """

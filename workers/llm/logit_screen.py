@@ -14,14 +14,14 @@ logits, still take the full fp32 head.
 Costs memory: the bf16 copy (half the fp32 head), and for an untied head a row-major fp32 copy (a
 tied one reads the embedding table).
 
-A bf16 head on GenMill's AVX-512 kernel (a CPU with AVX512_BF16 but no AMX: on AMX the head's own
-tile kernel is faster than any int8 screen on the vector units) is screened the same way from an
-int8 copy when the CPU has AVX512_VNNI: VPDPBUSD does four multiply-adds per lane where VDPBF16PS
-does two, and the copy is half the bytes (csrc/int8_screen.h has the bound). Costs the int8 copy
-(half the bf16 head), and for an untied head a row-major bf16 copy.
+A bf16 head is screened the same way from an int8 copy (`Int8LogitScreen`): on GenMill's AVX-512
+kernel when the CPU has AVX512_VNNI (VPDPBUSD does four multiply-adds per lane where VDPBF16PS does
+two), on AMX tiles with TDPBUSD (half the bytes of the bf16 head, which a decode step reads from
+memory); csrc/int8_screen.h has the bound. Costs the int8 copy (half the bf16 head), and for an
+untied head a row-major bf16 copy.
 
-A bf16 head on AMX tiles is not screened; its greedy rows take the argmax in the head's epilogue
-(`AmxHeadArgmax`), which spares writing a step's logits and reading them back.
+A bf16 head on AMX tiles that the int8 screen does not cover (a bias) takes its greedy rows' argmax in
+the head's epilogue (`AmxHeadArgmax`), which spares writing a step's logits and reading them back.
 """
 
 from __future__ import annotations
@@ -72,23 +72,23 @@ class LogitScreen:
 
 class Int8LogitScreen:
     def __init__(self, head: PackedLinear, weight: Tensor) -> None:
-        """`head`: the bf16 LM head on the AVX-512 kernel; `weight`: its `[V, K]` bf16 rows (the
-        exact pass reads them)."""
+        """`head`: the bf16 LM head on the AVX-512 kernel or on AMX tiles; `weight`: its `[V, K]`
+        bf16 rows (the exact pass reads them)."""
         self.head = head
         self.weight = weight.detach().to(torch.bfloat16).contiguous()
-        self.int8 = cpu_kernels.int8_screen_pack(self.weight)
+        self.int8 = cpu_kernels.int8_screen_pack(self.weight, amx=head.amx)
         self.recomputed = 0  # logits recomputed exactly so far (a measure of the screen's work)
 
     @classmethod
     def for_model(cls, model: Transformer) -> Int8LogitScreen | None:
-        """A screen for `model`'s LM head where it applies: bf16 on GenMill's AVX-512 kernel (not
-        AMX), no bias, an even K, under 2 GiB, a CPU with AVX512_VNNI."""
-        head = _avx512_head(model, torch.bfloat16)
+        """A screen for `model`'s LM head where it applies: bf16 on GenMill's AVX-512 kernel or AMX
+        tiles, no bias, an even K, under 2 GiB, a CPU with AVX512_VNNI (and, for AMX, its tiles)."""
+        head = _avx512_head(model, torch.bfloat16) or _amx_head(model)
         if (
             head is None
             or head.in_features % 2
             or head.out_features * head.in_features * 2 >= 2**31
-            or not cpu_kernels.int8_screen_available()
+            or not cpu_kernels.int8_screen_available(amx=head.amx)
         ):
             return None
         return cls(head, _head_rows(model, head))
@@ -102,8 +102,8 @@ class Int8LogitScreen:
 
 class AmxHeadArgmax:
     def __init__(self, head: PackedLinear) -> None:
-        """`head`: a bf16 LM head on the AMX kernel. Not a screen (the head runs in full, there is
-        nothing cheaper than its tiles to screen with): its argmax fused into the head's epilogue."""
+        """`head`: a bf16 LM head on the AMX kernel. Not a screen (the head runs in full): its argmax
+        fused into the head's epilogue."""
         self.head = head
         self.recomputed = 0  # (the screens' measure of work: nothing is recomputed here)
 
@@ -124,8 +124,9 @@ Screen = LogitScreen | Int8LogitScreen | AmxHeadArgmax
 
 
 def for_model(model: Transformer) -> Screen | None:
-    """The greedy pick for `model`'s LM head: fp32 screened from bf16, bf16 screened from int8, a
-    bf16 head on AMX tiles with its argmax fused in, or None where none applies."""
+    """The greedy pick for `model`'s LM head: fp32 screened from bf16, bf16 screened from int8 (on the
+    AVX-512 kernel or AMX tiles), a bf16 head on AMX tiles with its argmax fused in (where the int8
+    screen does not apply), or None where none applies."""
     return LogitScreen.for_model(model) or Int8LogitScreen.for_model(model) or AmxHeadArgmax.for_model(model)
 
 
@@ -146,12 +147,31 @@ def _avx512_head(model: Transformer, dtype: torch.dtype) -> PackedLinear | None:
     return None
 
 
+def _amx_head(model: Transformer) -> PackedLinear | None:
+    """`model`'s LM head where it runs on AMX tiles (bf16), without a bias."""
+    head = model.output
+    if isinstance(head, PackedLinear) and head.amx and head.bias is None:
+        return head
+    return None
+
+
 def _head_rows(model: Transformer, head: PackedLinear) -> Tensor:
-    """The head's `[V, K]` rows, row-major: the tied embedding table, or unpacked from the kernel's panels."""
+    """The head's `[V, K]` rows, row-major: the tied embedding table, or unpacked from the kernel's layout."""
     tied = model.tok_embeddings.weight
     if model.args.tie_word_embeddings and tied.shape == (head.out_features, head.in_features):
         return tied
+    if head.amx:
+        return unpack_amx(head.weight, head.out_features, head.in_features)
     return unpack_avx512(head.weight, head.out_features, head.in_features)
+
+
+def unpack_amx(packed: Tensor, n: int, k: int) -> Tensor:
+    """The `[n, k]` rows of a weight packed by `cpu_kernels.amx_pack`."""
+    block = cpu_kernels.AMX_BLOCK
+    np_, kp = -(-n // block) * block, -(-k // block) * block
+    # [nb][ks][t][p][c][e] -> row nb*32 + t*16 + c, column ks*32 + 2*p + e
+    w = packed.view(np_ // 32, kp // 32, 2, 16, 16, 2).permute(0, 2, 4, 1, 3, 5)
+    return w.reshape(np_, kp)[:n, :k]
 
 
 def unpack_avx512(packed: Tensor, n: int, k: int) -> Tensor:

@@ -11,11 +11,13 @@
 // Weight layout (packed once, by cpu_kernels.amx_pack): N padded to 32, K to 32; blocks of 32 output
 // columns, each a run of K/32 steps, each step two B tiles (16 columns each) in the VNNI pairs
 // layout AMX reads: wp[nb][ks][t][kp][n][e] = W[nb*32 + t*16 + n][ks*32 + 2*kp + e]. A thread
-// streams its contiguous share of column blocks front to back, prefetching AHEAD into L2.
+// streams its contiguous share of column blocks front to back, prefetching AHEAD into L2. The same
+// driver (`blocks`) runs int8 weights packed alike (K steps of 64, quadruples for pairs; TDPBUSD) for
+// the LM head's int8 screen (csrc/int8_screen.h).
 
 #pragma once
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
 #define GENMILL_AMX 1
 
 #include <sys/syscall.h>
@@ -27,6 +29,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace amx {
@@ -57,6 +60,14 @@ static bool permitted() {
 static void configure() {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// one row against 16 columns: tile 0 C (1 x 16 fp32), 4 A (1 row x 32 K), 6 B (16 K pairs x 16 cols)
+static void configure_one_row() {
+  TileConfig cfg;
+  cfg.rows[0] = cfg.rows[4] = 1, cfg.rows[6] = 16;
+  cfg.colsb[0] = cfg.colsb[4] = cfg.colsb[6] = 64;
   _tile_loadconfig(&cfg);
 }
 
@@ -95,43 +106,52 @@ static inline void store_block(const float* c, const float* bias, bool relu, bf1
 }
 
 // The sums of x[M, K] (row stride sx) W^T, W packed as above, block by block: out(c, row0, rows, nb)
-// takes the fp32 sums c[r * 32 + j] of rows row0 + r (r < rows) and columns nb * 32 + j of one
-// 32 x 32 block, in the thread (of the OpenMP team) that computed them; each thread has a
-// contiguous run of column blocks, ascending. 0: done; 1: no AMX; 2: out of memory.
-template <typename Out>
-static int blocks(const bf16* x, int64_t sx, const bf16* wp, int64_t M, int64_t N, int64_t K, Out&& out) {
+// takes the sums c[r * 32 + j] of rows row0 + r (r < rows) and columns nb * 32 + j of one 32 x 32
+// block, in the thread (of the OpenMP team) that computed them; each thread has a contiguous run of
+// column blocks, ascending. In: bf16 (x and W bf16, fp32 sums, K steps of 32) or uint8_t (x
+// unsigned bytes, W signed bytes packed alike with K steps of 64 and quadruples for pairs, int32
+// sums: TDPBUSD); either way a K step is 64 bytes of a row. 0: done; 1: no AMX; 2: out of memory.
+template <typename In>
+using Sum = std::conditional_t<std::is_same_v<In, bf16>, float, int32_t>;
+template <typename In>
+constexpr int64_t K_STEP = 64 / sizeof(In);
+
+template <typename In, typename Out>
+static int blocks(const In* x, int64_t sx, const void* wp, int64_t M, int64_t N, int64_t K, Out&& out) {
+  static_assert(std::is_same_v<In, bf16> || std::is_same_v<In, uint8_t>);
   if (!permitted()) return 1;
-  const int64_t Kp = (K + 31) / 32 * 32, KS = Kp / 32, NB = (N + 31) / 32;
-  const int64_t chunk = std::clamp<int64_t>(CHUNK_BYTES / (Kp * int64_t(sizeof(bf16))) / 32 * 32, 64, MC);
+  constexpr int64_t STEP = K_STEP<In>;
+  const int64_t Kp = (K + STEP - 1) / STEP * STEP, KS = Kp / STEP, NB = (N + 31) / 32;
+  const int64_t chunk = std::clamp<int64_t>(CHUNK_BYTES / (Kp * int64_t(sizeof(In))) / 32 * 32, 64, MC);
   const int64_t rows = std::min<int64_t>(M, chunk), Mp = (rows + 31) / 32 * 32;
   // the chunk's rows that the tiles cannot read from x in place, zero-padded to whole tiles (32 rows,
   // K to Kp): all of them when K is not a multiple of 32, else only a last partial row tile. (A
   // copy of every chunk cost up to a third of a prompt-sized linear with few outputs.)
-  bf16* xa = (bf16*)std::aligned_alloc(64, Mp * Kp * sizeof(bf16));
+  In* xa = (In*)std::aligned_alloc(64, Mp * Kp * sizeof(In));
   if (xa == nullptr) return 2;
   // one parallel region for all chunks, the threads meeting only where a chunk's rows are copied
   // (a region per chunk: prompt-sized linears 5-8% slower on a 2-core Xeon slice)
 #pragma omp parallel
   {
     configure();
-    // fp32 partial sums of one column block over the chunk's rows, carried between K slices
-    alignas(64) float acc[MC * 32];
+    // partial sums of one column block over the chunk's rows, carried between K slices
+    alignas(64) Sum<In> acc[MC * 32];
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
       const int64_t mc = std::min<int64_t>(chunk, M - m0), mp = (mc + 31) / 32 * 32;
       const int64_t in_place = K == Kp ? mc / 32 * 32 : 0;  // rows [0, in_place) are read from x
       const auto rows_at = [&](int64_t mb) { return mb < in_place ? x + (m0 + mb) * sx : xa + mb * Kp; };
-      const int64_t stride_at[2] = {Kp * 2, sx * 2};
+      const int64_t stride_at[2] = {Kp * int64_t(sizeof(In)), sx * int64_t(sizeof(In))};
       if (in_place < mp) {  // (the same in every thread)
         // every thread is done with the previous chunk's copy before this one overwrites it
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t m = in_place; m < mp; ++m) {
-          bf16* dst = xa + m * Kp;
+          In* dst = xa + m * Kp;
           if (m < mc) {
-            std::memcpy(dst, x + (m0 + m) * sx, K * sizeof(bf16));
-            std::memset(dst + K, 0, (Kp - K) * sizeof(bf16));
+            std::memcpy(dst, x + (m0 + m) * sx, K * sizeof(In));
+            std::memset(dst + K, 0, (Kp - K) * sizeof(In));  // (the padded weights are zero too)
           } else {
-            std::memset(dst, 0, Kp * sizeof(bf16));
+            std::memset(dst, 0, Kp * sizeof(In));
           }
         }
         // (implicit barrier: the chunk's rows are in place)
@@ -140,18 +160,19 @@ static int blocks(const bf16* x, int64_t sx, const bf16* wp, int64_t M, int64_t 
       // bytes ahead of its reads, spread over the tile steps
       const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
       const int64_t nb_lo = NB * tid / nth, nb_hi = NB * (tid + 1) / nth;
-      const char* const stream_end = reinterpret_cast<const char*>(wp + nb_hi * KS * 1024);
-      const char* pf = std::min(reinterpret_cast<const char*>(wp + nb_lo * KS * 1024) + AHEAD, stream_end);
+      const char* const w0 = static_cast<const char*>(wp);  // 2 KiB a block's K step
+      const char* const stream_end = w0 + nb_hi * KS * 2048;
+      const char* pf = std::min(w0 + nb_lo * KS * 2048 + AHEAD, stream_end);
       const int per_step = int((32 + mp / 32 - 1) / (mp / 32));  // 32 lines per K step, over the row tiles
       for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
-        const bf16* wb = wp + nb * KS * 1024;
+        const char* wb = w0 + nb * KS * 2048;
         // K in slices of KS_L1 steps: the slice of this block's weights (KS_L1 x 2 KiB) stays in L1
         // while every row tile of the chunk passes over it; sums continue across slices in K order
         for (int64_t k0 = 0; k0 < KS; k0 += KS_L1) {
           const int64_t k1 = std::min<int64_t>(KS, k0 + KS_L1);
           for (int64_t mb = 0; mb < mp; mb += 32) {
-            float* c = acc + mb * 32;
-            const bf16* a = rows_at(mb);
+            Sum<In>* c = acc + mb * 32;
+            const In* a = rows_at(mb);
             const int64_t lda = stride_at[mb < in_place];
             if (k0 == 0) {
               _tile_zero(0);
@@ -165,15 +186,22 @@ static int blocks(const bf16* x, int64_t sx, const bf16* wp, int64_t M, int64_t 
               _tile_loadd(3, c + 16 * 32 + 16, 128);
             }
             for (int64_t ks = k0; ks < k1; ++ks) {
-              _tile_loadd(4, a + ks * 32, lda);
-              _tile_loadd(5, a + 16 * lda / 2 + ks * 32, lda);
-              _tile_loadd(6, wb + ks * 1024, 64);
-              _tile_loadd(7, wb + ks * 1024 + 512, 64);
+              _tile_loadd(4, a + ks * STEP, lda);
+              _tile_loadd(5, a + 16 * lda / int64_t(sizeof(In)) + ks * STEP, lda);
+              _tile_loadd(6, wb + ks * 2048, 64);
+              _tile_loadd(7, wb + ks * 2048 + 1024, 64);
               for (int i = 0; i < per_step && pf < stream_end; ++i, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
+              if constexpr (std::is_same_v<In, bf16>) {
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+              } else {
+                _tile_dpbusd(0, 4, 6);
+                _tile_dpbusd(1, 4, 7);
+                _tile_dpbusd(2, 5, 6);
+                _tile_dpbusd(3, 5, 7);
+              }
             }
             _tile_stored(0, c, 128);
             _tile_stored(1, c + 16, 128);

@@ -751,17 +751,22 @@ extern "C" int genmill_layer_norm(int is_bf16, const void* x, const void* res, c
 
 // the vector width this build runs (512: AVX-512, 256: AVX2), for the Python side to report
 // 0: done; 1: not built here (no AVX512_VNNI or AVX512_BF16)
+// amx 0: the int8 copy packed for the AVX-512 head (zlin panels), 1: for the AMX head (amx::blocks);
+// 0: done; 1: not built here (no VNNI and bf16, or amx without AMX tiles)
 extern "C" int genmill_int8_screen(const void* x, int64_t sx, const void* wq, const int32_t* colsum,
                                    const float* scale, const float* scale_max, const float* l1, const float* err2,
-                                   const void* rows, float tiny,
-                                   int64_t M, int64_t N, int64_t K, int64_t* ids, int64_t* kept) {
+                                   const void* rows, float tiny, int64_t M, int64_t N, int64_t K, int amx,
+                                   int64_t* ids, int64_t* kept) {
 #ifdef GENMILL_INT8_SCREEN
+  const int64_t panel = amx ? 32 : zlin::NR;
   const i8screen::Head h{(const int8_t*)wq, colsum, scale, scale_max, l1, err2, (const bf16*)rows, tiny, N, K,
-                        (K + 3) / 4 * 4, (N + zlin::NR - 1) / zlin::NR};
-  return i8screen::screened_argmax((const bf16*)x, sx, h, M, ids, kept);
-#else
-  return 1;
+                        (K + 3) / 4 * 4, (N + panel - 1) / panel, panel, std::ldexp(1.0, amx ? -23 : -24)};
+  if (!amx) return i8screen::screened_argmax((const bf16*)x, sx, h, M, ids, kept);
+#ifdef GENMILL_AMX
+  return i8screen::amx_screened_argmax((const bf16*)x, sx, h, M, ids, kept);
 #endif
+#endif
+  return 1;
 }
 
 extern "C" int genmill_isa() { return GENMILL_ISA; }

@@ -1,26 +1,29 @@
 // Greedy picks for a bf16 LM head from an int8 copy of it, exact: the same token as the argmax of
-// the bf16 logits GenMill's AVX-512 linear computes (csrc/avx512_linear.h), for about half its
-// multiply-add cost on a CPU with AVX512_VNNI (VPDPBUSD sums four int8 products per 32-bit lane
-// where VDPBF16PS sums two bf16 ones) and half its weight bytes.
+// the bf16 logits GenMill's AVX-512 linear (csrc/avx512_linear.h) or AMX linear (csrc/amx_linear.h)
+// computes, for half its weight bytes and, on a CPU with AVX512_VNNI, about half its multiply-add cost
+// (VPDPBUSD sums four int8 products per 32-bit lane where VDPBF16PS sums two bf16 ones; on AMX,
+// TDPBUSD does twice TDPBF16PS's work a tile).
 //
 // Row x (bf16, K even) is quantized per row: s = max|x| / 127, q = round(x / s) in [-127, 127],
-// sent as unsigned q + 128 (VPDPBUSD multiplies unsigned by signed bytes; 128 x each column's weight
-// sum comes off again). Column v of the head: W_v ~ c_v wq_v (c_v = max|W_v| / 127). With y_v the
-// kernel's bf16 logit (fp32 sums of the bf16 products, K roundings, then one rounding to bf16) and
-// a_v = s c_v sum_k q_k wq_vk:
+// sent as unsigned q + 128 (VPDPBUSD and TDPBUSD multiply unsigned by signed bytes; 128 x each
+// column's weight sum comes off again). Column v of the head: W_v ~ c_v wq_v (c_v = max|W_v| / 127).
+// With y_v the kernel's bf16 logit (fp32 sums of the bf16 products, K roundings, then one rounding
+// to bf16) and a_v = s c_v sum_k q_k wq_vk:
 //   |sum_k x_k W_vk - a_v| <= |x - s q|_inf |W_v|_1 + |s q|_2 |W_v - c_v wq_v|_2
-//   |fp32 sum - sum_k x_k W_vk| <= g |x|_inf |W_v|_1,   g = K 2^-24 / (1 - K 2^-24)
-// so e = alpha max|W_v|_1 + beta max|W_v - c_v wq_v|_2 over a panel's 48 columns (+ margins for the
-// fp32 arithmetic of a_v and of the bound itself, and for the denormals VDPBF16PS flushes) bounds
-// |fp32 sum - a_v| in that panel. Rounding to bf16 keeps order, so with L = max_v (a_v - e): every v
-// whose a_v + e is below the least value rounding to bf16(L) has a bf16 logit below the largest one.
-// The others are recomputed exactly (the kernel's instruction, K order and rounding, one vocabulary
-// column per vector lane) and the first maximum among them is the pick. On the benchmark models'
-// hidden states 55-75 of 32-50 thousand logits per row stay (bench/llm_head_screen.py); a row that
-// keeps more than MAX_KEPT, or has a NaN or infinity, is left to the caller (-1), which runs the
-// bf16 head for it. Measured on a 2-core Xeon's AVX-512 units, 64 rows: 4.5x the AVX-512 bf16 head
-// and its argmax (an int8 matmul at 1.3 TOP/s, the bound and exact pass a quarter of the time); its
-// AMX tiles run the bf16 head faster still, so the engine screens in int8 only without AMX.
+//   |fp32 sum - sum_k x_k W_vk| <= g |x|_inf |W_v|_1,   g = K u / (1 - K u)
+// (u the unit roundoff of the head's additions: 2^-24, or 2^-23 on AMX tiles), so e = alpha
+// max|W_v|_1 + beta max|W_v - c_v wq_v|_2 over a panel's columns (48, or 32 on AMX; + margins for
+// the fp32 arithmetic of a_v and of the bound itself, and for the denormals the bf16 instructions
+// flush) bounds |fp32 sum - a_v| in that panel. Rounding to bf16 keeps order, so with
+// L = max_v (a_v - e): every v whose a_v + e is below the least value rounding to bf16(L) has a bf16
+// logit below the largest one. The others are recomputed exactly (the head's own instructions, K
+// order and rounding) and the first maximum among them is the pick. On the benchmark models' hidden
+// states 55-75 of 32-50 thousand logits per row stay (bench/llm_head_screen.py); a row that keeps
+// more than MAX_KEPT, or has a NaN or infinity, is left to the caller (-1), which runs the bf16 head
+// for it. Measured on a 2-core Xeon, 64 rows, heads from memory: on its AVX-512 units 3.4-3.9x the
+// AVX-512 bf16 head and its argmax; on its AMX tiles 1.4-1.5x the AMX head with its argmax fused in
+// for OPT's 50k vocabulary, and about even for Llama's 32k (the sums' epilogue and the exact pass
+// weigh more against a smaller head).
 
 #pragma once
 
@@ -52,8 +55,13 @@ struct Head {
   const float* l1;
   const float* err2;
   const bf16* rows;       // the bf16 head, row-major [N, K] (K even): the exact pass reads it
-  float tiny;             // covers the products VDPBF16PS flushes to zero
+  float tiny;             // covers the products VDPBF16PS (or TDPBF16PS) flushes to zero
   int64_t N, K, Kq, NB;  // NB: panels
+  int64_t panel;         // columns per panel: zlin::NR (the AVX-512 head) or 32 (the AMX head's blocks)
+  // the unit roundoff of the head's fp32 sums: 2^-24 for VDPBF16PS (round to nearest even); 2^-23
+  // for AMX tiles, whose internal order of additions the ISA leaves open (a bound for any faithful
+  // rounding; the summation term is ~1% of the bound, the quantization's the rest)
+  double unit;
 };
 
 struct Row {
@@ -63,7 +71,7 @@ struct Row {
 
 struct Kept {
   int32_t col;
-  float ub;
+  float a;  // a' (see screen)
 };
 
 static inline __m512 round_bf16(__m512 v) {  // v rounded to bf16 (nearest even), back in fp32
@@ -106,7 +114,7 @@ static inline float threshold(float lo) {
 
 // row i of x as unsigned bytes q + 128 (K padded with 128, whose weights are zero) and its bound terms
 static void quantize(const bf16* x, int64_t sx, const Head& h, int64_t M, uint8_t* xu, Row* rows) {
-  const double g = h.K * std::ldexp(1.0, -24) / (1 - h.K * std::ldexp(1.0, -24));
+  const double g = h.K * h.unit / (1 - h.K * h.unit);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < M; ++i) {
     const bf16* xi = x + i * sx;
@@ -156,37 +164,63 @@ static inline __m512 exact(const bf16* x, const Head& h, const int32_t* cols, in
 }
 
 // ids[i]: the first maximum of row i's bf16 logits, or -1 (a NaN or infinity, or too many kept);
-// kept[i]: how many logits row i recomputed
-static int screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept) {
+// kept[i]: how many logits row i recomputed. sums(xu, visit): the int8 copy's int32 sums of the
+// quantized rows xu (Kq bytes each), visit(acc, ld, m0, mc, nb, cols) taking acc[r * ld + c] for rows
+// m0 + r (r < mc) and columns nb * panel + c (c < cols) in the thread that computed them; 0 when
+// done. exact(): a thread's exact pass, exact(xi, cols, n) the head's bf16 logits of row xi for
+// n <= 16 ascending columns (lanes 0..n-1).
+template <typename Sums, typename Exact>
+static int screen(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept, Sums&& sums,
+                  Exact&& exact) {
   std::vector<uint8_t> xu(M * h.Kq);
   std::vector<Row> rows(M);
   quantize(x, sx, h, M, xu.data(), rows.data());
 
-  struct alignas(64) Lanes {
-    float v[16];
-  };
-  struct Thread {
-    std::vector<Lanes> lo;                // per row: the largest lower bound seen, lane by lane
-    std::vector<float> bar;               // per row: threshold(the largest lower bound) at the last refresh
-    std::vector<std::vector<Kept>> kept;  // per row: columns whose upper bound reached the bar
-    int64_t panels = 0;
-  };
-  std::vector<Thread> threads(omp_get_max_threads());
-  for (Thread& t : threads) {
-    t.lo.resize(M);
-    for (Lanes& l : t.lo) std::fill(l.v, l.v + 16, -INFINITY);
-    t.bar.assign(M, -INFINITY);
-    t.kept.resize(M);
-  }
-  const auto refresh = [](Thread& t, int64_t i) { t.bar[i] = threshold(_mm512_reduce_max_ps(_mm512_load_ps(t.lo[i].v))); };
   // per panel: 2^-20 of the largest |a' / s| (|sum_k q_k wq_vk| <= Kq 127^2)
   std::vector<float> big(h.NB);
   for (int64_t p = 0; p < h.NB; ++p) big[p] = up(double(h.Kq) * 127 * 127 * h.scale_max[p] * std::ldexp(1.0, -20));
+  // the logit v of a column is within e of s a', a' = float(sum) * c_v (in fp32): e covers the bound
+  // and the fp32 roundings of a' and of what is computed from it (2^-20 of the largest |s a'| the
+  // panel allows; the margins of alpha and beta cover the roundings of e itself)
+  const auto bound = [&](const Row& row, float l1, float err2, float big_) {
+    return std::fma(row.alpha, l1, std::fma(row.beta, err2, std::fma(row.s, big_, h.tiny)));
+  };
+  // a row's bound over every panel: the panels' own only where a column is kept, this one to decide
+  // which are (per row and panel, the screen's common case is a few vector compares and no
+  // arithmetic of its own: twice the speed of a bound per panel on the AMX head)
+  const float l1_max = *std::max_element(h.l1, h.l1 + h.NB), err2_max = *std::max_element(h.err2, h.err2 + h.NB);
+  const float big_max = *std::max_element(big.begin(), big.end());
+  std::vector<float> e_max(M);
+  for (int64_t i = 0; i < M; ++i) e_max[i] = bound(rows[i], l1_max, err2_max, big_max);
+  // the a' from which s a' + e_max may reach `bar`: (bar - e_max) / s, a little lower
+  const auto keep_from = [](const Row& row, float e_max_, float bar) {
+    const float q = (bar - e_max_) * row.inv_s;
+    return q - std::fabs(q) * std::ldexp(1.0f, -20);
+  };
 
-  zlin::panels(xu.data(), h.Kq, h.wq, M, h.N, h.Kq, [&](const float* acc, int64_t m0, int64_t mc, int64_t nb,
-                                                         int64_t cols) {
+  struct Thread {
+    std::vector<float> top;               // per row: the largest a' kept
+    std::vector<float> lo;                // per row: its lower bound s a' - e
+    std::vector<float> keep_at;           // per row: a' from which a column may reach threshold(lo)
+    std::vector<std::vector<Kept>> kept;  // per row: columns that may have, when seen
+  };
+  std::vector<Thread> threads(omp_get_max_threads());
+  for (Thread& t : threads) {
+    t.top.assign(M, -INFINITY);
+    t.lo.assign(M, -INFINITY);
+    t.keep_at.assign(M, -INFINITY);
+    t.kept.resize(M);
+  }
+
+  // A column is kept where s a' + e_max may reach the bar threshold(lo): a' >= (bar - e_max) / s, a
+  // little lower. Any column whose a' exceeds every earlier one of its row is kept (s a' + e_max is
+  // above the kept one's s a' - e), so lo, raised only by kept columns, still ends at or above the
+  // lower bound of the column with the largest a': bars only rise, and a column passed over had its
+  // upper bound below a bar, below the final one.
+  const int status = sums(xu.data(), [&](const int32_t* acc, int64_t ld, int64_t m0, int64_t mc, int64_t nb,
+                                           int64_t cols) {
     Thread& t = threads[omp_get_thread_num()];
-    const int64_t c0 = nb * zlin::NR;
+    const int64_t c0 = nb * h.panel;
     const int nv = int((cols + 15) / 16);
     __m512i cs[zlin::NV];
     __m512 sc[zlin::NV];
@@ -196,61 +230,64 @@ static int screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, 
       cs[v] = _mm512_maskz_loadu_epi32(valid[v], h.colsum + c0 + 16 * v);
       sc[v] = _mm512_maskz_loadu_ps(valid[v], h.scale + c0 + 16 * v);
     }
-    // the bars follow the lower bounds after 1, 2, 4, 8 and then every 16 panels: a stale bar is
-    // lower, so it only keeps more columns (a lane-wise max a panel is far cheaper than a reduction)
-    const int64_t seen = ++t.panels;
-    const bool fresh = (seen & (seen - 1)) == 0 || seen % 16 == 0;
     for (int64_t r = 0; r < mc; ++r) {
       const int64_t i = m0 + r;
       const Row& row = rows[i];
       if (!row.ok) continue;
-      // the logit v of a column is within e of s a', a' = float(sum) * c_v (in fp32): e covers the
-      // bound and the fp32 roundings of a' and of what is computed from it (2^-20 of the largest
-      // |s a'| the panel allows; the margins of alpha and beta cover the roundings of e itself)
-      const float e = std::fma(row.alpha, h.l1[nb], std::fma(row.beta, h.err2[nb], std::fma(row.s, big[nb], h.tiny)));
-      // a column is kept where s a' + e may reach the bar: a' >= (bar - e) / s, a little lower
-      const float q = (t.bar[i] - e) * row.inv_s;
-      const float keep_at = q - std::fabs(q) * std::ldexp(1.0f, -20);
-      const __m512 at = _mm512_set1_ps(keep_at);
-      __m512 top = _mm512_set1_ps(-INFINITY);
+      const __m512 at = _mm512_set1_ps(t.keep_at[i]);
+      alignas(64) float u[zlin::NV][16];
+      __mmask16 hit[zlin::NV];
+      __mmask16 any = 0;
       for (int v = 0; v < nv; ++v) {
-        const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(acc + r * zlin::NR + 16 * v), cs[v]);
+        const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(acc + r * ld + 16 * v), cs[v]);
         const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), sc[v]);
-        top = _mm512_mask_max_ps(top, valid[v], top, a);
-        __mmask16 hit = _mm512_mask_cmp_ps_mask(valid[v], a, at, _CMP_GE_OQ);
-        if (!hit) continue;
-        alignas(64) float u[16];
-        _mm512_store_ps(u, a);
-        for (; hit; hit &= hit - 1) {
-          const int j = __builtin_ctz(hit);
-          t.kept[i].push_back({int32_t(c0 + 16 * v + j), up(double(u[j]) * row.s + e)});  // a few
+        hit[v] = _mm512_mask_cmp_ps_mask(valid[v], a, at, _CMP_GE_OQ);
+        any |= hit[v];
+        _mm512_store_ps(u[v], a);
+      }
+      if (!any) continue;
+      std::vector<Kept>& keep = t.kept[i];
+      float top = t.top[i];
+      for (int v = 0; v < nv; ++v)
+        for (__mmask16 m = hit[v]; m; m &= m - 1) {
+          const int j = __builtin_ctz(m);
+          keep.push_back({int32_t(c0 + 16 * v + j), u[v][j]});
+          top = std::max(top, u[v][j]);
+        }
+      if (top > t.top[i]) {  // a new largest a' (most kept columns are not): its lower bound
+        t.top[i] = top;
+        const float lo = std::fma(top, row.s, -bound(row, h.l1[nb], h.err2[nb], big[nb]));  // one rounding, in e's margins
+        if (lo > t.lo[i]) {
+          t.lo[i] = lo;
+          t.keep_at[i] = keep_from(row, e_max[i], threshold(lo));
         }
       }
-      // lower bounds s a' - e of the panel's logits, lane-wise (the fused multiply-subtract rounds
-      // once, within the margins of e)
-      const __m512 lb = _mm512_fmsub_ps(top, _mm512_set1_ps(row.s), _mm512_set1_ps(e));
-      _mm512_store_ps(t.lo[i].v, _mm512_max_ps(_mm512_load_ps(t.lo[i].v), lb));
-      std::vector<Kept>& keep = t.kept[i];
-      if (fresh || int64_t(keep.size()) > PRUNE_AT) refresh(t, i);
       if (int64_t(keep.size()) > PRUNE_AT) {  // the bar has risen since most of these were kept
-        const float b = t.bar[i];
-        keep.erase(std::remove_if(keep.begin(), keep.end(), [&](const Kept& k) { return k.ub < b; }), keep.end());
+        const float at_least = t.keep_at[i];
+        keep.erase(std::remove_if(keep.begin(), keep.end(), [&](const Kept& k) { return k.a < at_least; }), keep.end());
       }
     }
   });
+  if (status != 0) return status;
 
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel
+  {
+  auto pass = exact();
+#pragma omp for schedule(dynamic)
   for (int64_t i = 0; i < M; ++i) {
     ids[i] = -1;
     kept[i] = 0;
     if (!rows[i].ok) continue;
     float lo = -INFINITY;
-    for (const Thread& t : threads) lo = std::max(lo, _mm512_reduce_max_ps(_mm512_load_ps(t.lo[i].v)));
-    const float bar = threshold(lo);
+    for (const Thread& t : threads) lo = std::max(lo, t.lo[i]);
+    const float bar = threshold(lo), at_least = keep_from(rows[i], e_max[i], bar);
     std::vector<int32_t> cols;
     for (const Thread& t : threads)
-      for (const Kept& k : t.kept[i])
-        if (k.ub >= bar) cols.push_back(k.col);
+      for (const Kept& k : t.kept[i]) {
+        if (k.a < at_least) continue;  // (s a' + e_max below the bar)
+        const int64_t p = k.col / h.panel;
+        if (up(double(k.a) * rows[i].s + bound(rows[i], h.l1[p], h.err2[p], big[p])) >= bar) cols.push_back(k.col);
+      }
     kept[i] = int64_t(cols.size());
     if (cols.empty() || kept[i] > MAX_KEPT) continue;
     std::sort(cols.begin(), cols.end());
@@ -261,7 +298,7 @@ static int screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, 
     for (size_t j0 = 0; j0 < cols.size(); j0 += 16) {
       const int n = int(std::min<size_t>(16, cols.size() - j0));
       alignas(64) float y[16];
-      _mm512_store_ps(y, exact(xi, h, cols.data() + j0, n));
+      _mm512_store_ps(y, pass(xi, cols.data() + j0, n));
       for (int j = 0; j < n; ++j) {
         nan = nan || std::isnan(y[j]);
         if (y[j] > best || pick < 0) best = y[j], pick = cols[j0 + j];  // ascending columns: the first max
@@ -269,8 +306,115 @@ static int screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, 
     }
     if (!nan) ids[i] = pick;
   }
+  }
   return 0;
 }
+
+// the screen of a bf16 head on GenMill's AVX-512 kernel (zlin): VPDPBUSD panels, the exact pass
+// VDPBF16PS in the kernel's order
+static int screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept) {
+  const auto sums = [&](const uint8_t* xu, auto&& visit) {
+    zlin::panels(xu, h.Kq, h.wq, M, h.N, h.Kq, [&](const float* acc, int64_t m0, int64_t mc, int64_t nb, int64_t cols) {
+      visit(reinterpret_cast<const int32_t*>(acc), zlin::NR, m0, mc, nb, cols);
+    });
+    return 0;
+  };
+  const auto pass = [&] { return [&](const bf16* xi, const int32_t* cols, int n) { return exact(xi, h, cols, n); }; };
+  return screen(x, sx, h, M, ids, kept, sums, pass);
+}
+
+#ifdef GENMILL_AMX
+// 16 x 16 32-bit values transposed in registers: r[i] lane j <- r[j] lane i
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// The exact pass of a bf16 head on AMX tiles: the kept columns' logits on the tiles themselves, one
+// row against 16 columns at a time, their K steps in order from zero, as amx::linear sums each output
+// (a tile's element depends on its own A row and B column only), so the values are the head's bit
+// for bit without modelling TDPBF16PS's internal order of additions. The columns' rows are turned
+// into the VNNI pair layout of a B tile by 16 x 16 transposes.
+class AmxExact {
+ public:
+  explicit AmxExact(const Head& h)
+      : h_(h), steps_((h.K + 31) / 32),
+        x_(static_cast<bf16*>(std::aligned_alloc(64, steps_ * 64))),
+        b_(static_cast<int32_t*>(std::aligned_alloc(64, steps_ * 1024))) {
+    amx::configure_one_row();
+  }
+  ~AmxExact() {
+    _tile_release();
+    std::free(x_);
+    std::free(b_);
+  }
+  AmxExact(const AmxExact&) = delete;
+  AmxExact& operator=(const AmxExact&) = delete;
+
+  __m512 operator()(const bf16* xi, const int32_t* cols, int n) {
+    if (xi != row_) {  // the row, zero-padded to whole K steps (as the packed head is)
+      std::memcpy(x_, xi, h_.K * sizeof(bf16));
+      std::memset(x_ + h_.K, 0, (steps_ * 32 - h_.K) * sizeof(bf16));
+      row_ = xi;
+    }
+    const int32_t* w = reinterpret_cast<const int32_t*>(h_.rows);  // K pairs per column
+    const int64_t pairs = h_.K / 2;
+    for (int64_t ks = 0; ks < steps_; ++ks) {
+      const __mmask16 m = first(int(std::min<int64_t>(16, pairs - ks * 16)));
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = j < n ? _mm512_maskz_loadu_epi32(m, w + cols[j] * pairs + ks * 16) : _mm512_setzero_si512();
+      transpose16(r);  // row p: pair p of the step, column by column
+      for (int p = 0; p < 16; ++p) _mm512_store_si512(b_ + ks * 256 + p * 16, r[p]);
+    }
+    _tile_zero(0);
+    for (int64_t ks = 0; ks < steps_; ++ks) {
+      _tile_loadd(4, x_ + ks * 32, 64);
+      _tile_loadd(6, b_ + ks * 256, 64);
+      _tile_dpbf16ps(0, 4, 6);
+    }
+    alignas(64) float c[16];
+    _tile_stored(0, c, 64);
+    return round_bf16(_mm512_add_ps(_mm512_load_ps(c), _mm512_setzero_ps()));  // as amx::linear, no bias
+  }
+
+ private:
+  const Head& h_;
+  const int64_t steps_;
+  bf16* const x_;
+  int32_t* const b_;
+  const bf16* row_ = nullptr;
+};
+
+// the screen of a bf16 head on AMX tiles: the int8 copy packed as amx::blocks reads it (blocks of 32
+// columns, K steps of 64 bytes), summed by TDPBUSD; the exact pass on the bf16 tiles (AmxExact)
+static int amx_screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept) {
+  const auto sums = [&](const uint8_t* xu, auto&& visit) {
+    return amx::blocks(xu, h.Kq, h.wq, M, h.N, h.Kq, [&](const int32_t* c, int64_t row0, int rows, int64_t nb) {
+      visit(c, 32, row0, rows, nb, std::min<int64_t>(32, h.N - nb * 32));
+    });
+  };
+  return screen(x, sx, h, M, ids, kept, sums, [&] { return AmxExact(h); });
+}
+#endif
 
 }  // namespace i8screen
 
