@@ -17,6 +17,7 @@ whose weights and KV cache far exceed the caches. Variants, where this CPU runs 
   int8 screen, AMX  the same for the AMX head: TDPBUSD sums, the exact pass on the bf16 tiles
   fp32 head         the engine's fp32 head + argmax
   bf16 screen       LogitScreen: bf16 copy of the fp32 head, exact pass (AVX512_BF16)
+  int8 screen, fp32 head  Int8LogitScreen of the fp32 head (its sums on AMX tiles where there are)
 
 Writes the "LLM greedy head pick, <unit> CPU" section of bench/RESULTS.md.
 """
@@ -119,6 +120,9 @@ def variants(x: torch.Tensor, weight: torch.Tensor) -> list[Variant]:
     if full32.avx512 and cpu_kernels.avx512_linear_available(torch.bfloat16):
         screen = LogitScreen(full32, weight)
         out.append(("bf16 screen", "fp32 head", lambda: screen(x), lambda: screen.recomputed))
+    if full32.avx512 and cpu_kernels.int8_screen_available():
+        int8_32 = Int8LogitScreen(full32, weight)
+        out.append(("int8 screen, fp32 head", "fp32 head", lambda: int8_32(x), lambda: int8_32.recomputed))
     return out
 
 
@@ -162,7 +166,7 @@ def main() -> None:
         "data (untimed): the head and its copies come from memory every call. `vs the full "
         "head`: the time of the full head a screen stands in for (the int8 screen: the AVX-512 bf16 "
         "head, which a CPU without AMX runs; the int8 screen, AMX: the AMX bf16 head; the bf16 "
-        "screen: the fp32 head) over the screen's, whose "
+        "screen and the int8 screen of the fp32 head: the fp32 head) over the screen's, whose "
         "picks must be that head's (`same picks`). `bf16 head` is the engine's on this CPU.\n\n"
         + "\n".join(lines)
     )

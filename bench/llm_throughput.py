@@ -511,7 +511,11 @@ def report(
                 "exactly (workers/llm/logit_screen.py, eager mode), and their LM head is still counted "
                 f"as {dtype} work, so {dtype} decode GFLOP/s and roofline are {dtype}-equivalent figures"
                 for dtype, copy, applies in (
-                    ("float32", "a bf16 copy", avx512_linear_available(torch.bfloat16)),
+                    (
+                        "float32",
+                        "an int8 copy" if int8_screen_available(amx=True) else "a bf16 copy",
+                        avx512_linear_available(torch.bfloat16),
+                    ),
                     ("bfloat16", "an int8 copy", int8_screen_available(amx=amx_available())),
                 )
                 if applies

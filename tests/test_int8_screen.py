@@ -149,3 +149,84 @@ def test_an_all_zero_column_leaves_its_panels_bound_alone(monkeypatch, kernel):
     screen = _screen(w, monkeypatch, kernel)
     assert screen.int8.scale[1] == 1 and screen.int8.scale_max[0] < 0.01
     assert torch.equal(screen(x), _bf16_argmax(x, w, kernel))
+
+
+# ---- an fp32 head (on the AVX-512 kernel) screened from its int8 copy ----
+
+# where the copy is summed: VPDPBUSD panels, or AMX tiles (TDPBUSD) on a CPU with them
+SUMS = [
+    "vnni",
+    pytest.param(
+        "amx", marks=pytest.mark.skipif(not cpu_kernels.int8_screen_available(amx=True), reason="no AMX here")
+    ),
+]
+
+
+def _fp32_argmax(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    logits = cpu_kernels.avx512_linear(x, cpu_kernels.avx512_pack(w), None, w.shape[0], False)
+    return cpu_kernels.argmax(logits)
+
+
+def _fp32_screen(w: torch.Tensor, monkeypatch: pytest.MonkeyPatch, sums: str) -> Int8LogitScreen:
+    if sums == "vnni":
+        available = cpu_kernels.int8_screen_available
+        monkeypatch.setattr(cpu_kernels, "int8_screen_available", lambda amx=False: not amx and available())
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data = w.clone()
+    head = PackedLinear(linear, batch_hint=8)
+    assert head.avx512 and head.weight.dtype == torch.float32
+    screen = Int8LogitScreen(head, w)
+    assert screen.int8.amx == (sums == "amx") and screen.int8.dtype == torch.float32
+    return screen
+
+
+@pytest.mark.parametrize("sums", SUMS)
+@pytest.mark.parametrize(("seed", "v", "k"), [(0, 3001, 96), (1, 5000, 71), (2, 50, 8)])
+def test_an_fp32_heads_pick_is_its_argmax(monkeypatch, seed, v, k, sums):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, k, generator=g) * torch.rand(v, 1, generator=g).mul(3).add(0.05)
+    x = torch.randn(13, k, generator=g) * (1 + seed)
+    x[2, 1] = 40
+    screen = _fp32_screen(w, monkeypatch, sums)
+    assert torch.equal(screen(x), _fp32_argmax(x, w))
+    assert 13 <= screen.recomputed < 13 * max(v // 20, 16)
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_fp32_ties_one_ulp_apart_and_a_crowd_resolve_as_the_fp32_argmax_does(monkeypatch, sums):
+    g = torch.Generator().manual_seed(7)
+    k = 64
+    base = torch.randn(k, generator=g) * 0.1
+    w = torch.cat([torch.randn(300, k, generator=g) * 0.1, base + 1e-4 * torch.randn(300, k, generator=g)])
+    w[100] = base  # exact ties with row 450: the first index wins
+    w[450] = base
+    w[451] = base
+    w[451, 5] = torch.nextafter(base[5], torch.tensor(10.0))  # one ulp apart
+    x = torch.stack([base * 40, -base * 40, base + 0.01 * torch.randn(k, generator=g)])
+    screen = _fp32_screen(w, monkeypatch, sums)
+    ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
+    assert torch.equal(ids, _fp32_argmax(x, w))
+    assert kept[0] >= 100  # the crowd of 300 near-copies stays for the exact pass
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_an_fp32_row_with_an_infinity_takes_the_full_head(monkeypatch, sums):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 32, generator=g)
+    x = torch.randn(3, 32, generator=g)
+    x[1, 4] = float("inf")
+    screen = _fp32_screen(w, monkeypatch, sums)
+    ids, _ = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
+    assert ids[1] == -1 and ids[0] >= 0 and ids[2] >= 0
+    assert torch.equal(screen(x), _fp32_argmax(x, w))
+
+
+@pytest.mark.skipif(not cpu_kernels.int8_screen_available(amx=True), reason="fp32 heads take it on AMX CPUs")
+@pytest.mark.parametrize(("arch", "overrides"), [("opt", {}), ("llama", {"tie_word_embeddings": False})])
+def test_fp32_greedy_generation_is_unchanged_by_the_int8_screen(tmp_path, arch, overrides):
+    folder = build_tiny_checkpoint(tmp_path / arch, arch=arch, num_hidden_layers=2, **overrides)
+    tokens, picks = generate_three_ways(folder, "float32")
+    assert isinstance(picks["picked"], Int8LogitScreen) and picks["picked"].int8.dtype == torch.float32
+    assert picks["picked"].recomputed > 0
+    assert picks["full head"] is None and picks["module path"] is None
+    assert tokens["picked"] == tokens["full head"] == tokens["module path"]

@@ -108,7 +108,7 @@ _SIGNATURES = {
     "genmill_silu_mul": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_argmax": [_INT, _PTR, _PTR, _I64, _I64],
     "genmill_screened_argmax": [_PTR, _I64, _PTR, _PTR, _F32, _I64, _I64, _I64, _PTR, _PTR],
-    "genmill_int8_screen": [_PTR, _I64] + [_PTR] * 7 + [_F32, _I64, _I64, _I64, _INT, _PTR, _PTR],
+    "genmill_int8_screen": [_PTR, _I64] + [_PTR] * 7 + [_F32, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR],
     "genmill_isa": [],
     "genmill_amx_available": [],
     "genmill_amx_linear": [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
@@ -435,10 +435,10 @@ def screened_argmax(x: Tensor, approx: Tensor, weight: Tensor, wmax: float) -> t
 
 @dataclass(frozen=True)
 class Int8Head:
-    """The int8 copy of a bf16 LM head `[N, K]` that `int8_screened_argmax` reads (csrc/int8_screen.h):
+    """The int8 copy of a bf16 or fp32 LM head `[N, K]` that `int8_screened_argmax` reads (csrc/int8_screen.h):
     W ~ scale * wq per column, wq packed in `avx512_linear`'s panels of 4-byte K steps (or, `amx`,
-    in `amx_linear`'s blocks of 32 columns and 64-byte K steps, for a head on AMX tiles), and the
-    error bound's terms, per panel (or block)."""
+    in `amx_linear`'s blocks of 32 columns and 64-byte K steps, summed on AMX tiles: for a bf16 head on
+    AMX tiles, or an fp32 head on a CPU with them), and the error bound's terms, per panel (or block)."""
 
     wq: Tensor  # int8, flat
     colsum: Tensor  # int32 [N]: 128 x each column's int8 sum
@@ -452,6 +452,7 @@ class Int8Head:
     n: int
     k: int
     amx: bool = False
+    dtype: torch.dtype = torch.bfloat16  # the head's
 
 
 @functools.cache
@@ -467,17 +468,18 @@ def int8_screen_available(amx: bool = False) -> bool:
 
 
 def int8_screen_pack(weight: Tensor, amx: bool = False, block: int = 4096) -> Int8Head:
-    """A bf16 head `[N, K]` (K even) -> its `Int8Head` (per-column symmetric int8, the bound terms
-    in float64 and rounded up to fp32; `block` rows at a time); `amx`: for the head's AMX tiles."""
+    """A bf16 (K even) or fp32 head `[N, K]` -> its `Int8Head` (per-column symmetric int8, the bound
+    terms in float64 and rounded up to fp32; `block` rows at a time); `amx`: summed on AMX tiles."""
     n, k = weight.shape
-    if weight.dtype != torch.bfloat16 or k % 2:
-        raise ValueError(f"int8_screen_pack takes a bf16 weight with an even K, got {weight.dtype} {(n, k)}")
+    if weight.dtype not in (torch.bfloat16, torch.float32) or (weight.dtype == torch.bfloat16 and k % 2):
+        got = f"{weight.dtype} {(n, k)}"
+        raise ValueError(f"int8_screen_pack takes a bf16 weight with an even K or an fp32 one, got {got}")
     kq = -(-k // 4) * 4
     panel = AMX_BLOCK if amx else AVX512_PANEL
     parts: dict[str, list[Tensor]] = {"q": [], "scale": [], "l1": [], "err2": []}
     wmax = 0.0
     for w in weight.split(block):
-        w = w.double()  # bf16 values, exactly
+        w = w.double()  # exactly
         amax = w.abs().amax(dim=1)
         wmax = max(wmax, amax.max().item())
         scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).float()
@@ -514,20 +516,22 @@ def int8_screen_pack(weight: Tensor, amx: bool = False, block: int = 4096) -> In
         n=n,
         k=k,
         amx=amx,
+        dtype=weight.dtype,
     )
 
 
 def int8_screened_argmax(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """The argmax of `x @ weight.T` as `avx512_linear` (`head.amx`: `amx_linear`) computes it in bf16 (first maximum), found
-    from `head`, the int8 copy of `weight`, and recomputed exactly only where the copy's error bound
-    leaves a doubt (see csrc/int8_screen.h). x `[M, K]` bf16, weight `[N, K]` bf16 row-major (under
-    2 GiB: the exact pass addresses it with 32-bit offsets). Returns ids `[M]` (-1 where a value is
-    not finite or too many logits were in doubt: the caller computes those rows in full) and how
-    many logits each row recomputed."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2:
+    """The argmax of `x @ weight.T` as the engine's head computes it (first maximum): in bf16 on
+    `avx512_linear` (`head.amx`: on `amx_linear`), or in fp32 on `avx512_linear`; found from `head`,
+    the int8 copy of `weight`, and recomputed exactly only where the copy's error bound leaves a
+    doubt (see csrc/int8_screen.h). x `[M, K]` and weight `[N, K]` row-major in the head's dtype
+    (under 2 GiB: the exact pass addresses it with 32-bit offsets). Returns ids `[M]` (-1 where a
+    value is not finite or too many logits were in doubt: the caller computes those rows in full)
+    and how many logits each row recomputed."""
+    if x.dtype != head.dtype or weight.dtype != head.dtype or x.dim() != 2:
         got = f"x {x.dtype} {tuple(x.shape)}, weight {weight.dtype}"
-        raise TypeError(f"int8_screened_argmax takes bf16 x [M, K] and weight, got {got}")
-    if x.shape[1] != head.k or weight.shape != (head.n, head.k) or weight.numel() * 2 >= 2**31:
+        raise TypeError(f"int8_screened_argmax takes {head.dtype} x [M, K] and weight, got {got}")
+    if x.shape[1] != head.k or weight.shape != (head.n, head.k) or weight.numel() * weight.itemsize >= 2**31:
         got = f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, head {head.n}x{head.k}"
         raise ValueError(f"int8_screened_argmax: shapes do not fit: {got}")
     status, ids, kept = _int8_screen(x, head, weight.contiguous())
@@ -544,7 +548,7 @@ def _int8_screen(x: Tensor, head: Int8Head, weight: Tensor) -> tuple[int, Tensor
     status = _library().genmill_int8_screen(
         x.data_ptr(), x.stride(0), head.wq.data_ptr(), head.colsum.data_ptr(), head.scale.data_ptr(),
         head.scale_max.data_ptr(), head.l1.data_ptr(), head.err2.data_ptr(), weight.data_ptr(), head.tiny, m,
-        head.n, head.k, int(head.amx), ids.data_ptr(), kept.data_ptr(),
+        head.n, head.k, int(head.dtype == torch.bfloat16), int(head.amx), ids.data_ptr(), kept.data_ptr(),
     )  # fmt: skip
     return status, ids, kept
 

@@ -1,24 +1,24 @@
-"""Greedy picks for an LM head from a cheaper copy of it, exact: an fp32 head from a bf16 copy
-(`LogitScreen`), a bf16 head from an int8 one (`Int8LogitScreen`); `for_model` picks the one that
-applies.
+"""Greedy picks for an LM head from a cheaper copy of it, exact: a bf16 or fp32 head from an int8
+copy (`Int8LogitScreen`), an fp32 head from a bf16 one (`LogitScreen`); `for_model` picks the one
+that applies.
 
-On an AVX-512 CPU with bf16 instructions a bf16 matmul runs about twice the fp32 rate (on AMX tiles
-five times), and the LM head is the widest matmul of a decode step (a fifth of an OPT-125m fp32
-step). A greedy row needs only the argmax of its logits, so the head runs in bf16 (AMX tiles where
-the CPU has them, else VDPBF16PS) and the few logits whose bf16 value leaves
-a doubt (within the approximation's rigorous error bound of the best one) are recomputed exactly in
-fp32, in the order GenMill's AVX-512 linear sums them: the pick is the token the fp32 logits would
-give, first maximum included (csrc/logit_screen.h has the bound). Rows that sample, or that ask for
-logits, still take the full fp32 head.
+A greedy row needs only the argmax of its logits, and the LM head is the widest matmul of a decode
+step (a fifth of an OPT-125m fp32 step). So the head runs from a copy at half (or a quarter of) its
+bytes and on faster instructions, and the few logits whose approximate value leaves a doubt (within
+the approximation's rigorous error bound of the best one) are recomputed exactly, with the head's
+own arithmetic: the pick is the token the head's logits would give, first maximum included. Rows
+that sample, or that ask for logits, still take the full head.
 
-Costs memory: the bf16 copy (half the fp32 head), and for an untied head a row-major fp32 copy (a
-tied one reads the embedding table).
+The int8 copy (csrc/int8_screen.h has the bound) is summed with VPDPBUSD on an AVX512_VNNI CPU
+(four multiply-adds per lane where VDPBF16PS does two and an fp32 FMA one), or with TDPBUSD on AMX
+tiles. Its exact pass is the AVX-512 kernel's arithmetic for a head there (bf16 or fp32), and the
+bf16 tiles themselves for a bf16 head on AMX. Costs the int8 copy (a quarter of an fp32 head, half
+of a bf16 one), and for an untied head a row-major copy in the head's dtype (a tied one reads the
+embedding table).
 
-A bf16 head is screened the same way from an int8 copy (`Int8LogitScreen`): on GenMill's AVX-512
-kernel when the CPU has AVX512_VNNI (VPDPBUSD does four multiply-adds per lane where VDPBF16PS does
-two), on AMX tiles with TDPBUSD (half the bytes of the bf16 head, which a decode step reads from
-memory); csrc/int8_screen.h has the bound. Costs the int8 copy (half the bf16 head), and for an
-untied head a row-major bf16 copy.
+An fp32 head on a CPU without AMX is screened from a bf16 copy instead (`LogitScreen`,
+csrc/logit_screen.h, VDPBF16PS; measured on a Zen 5, where the int8 one is not measured yet); on an
+AMX CPU the int8 copy, summed on the tiles, was measured faster than a bf16 copy on them.
 
 A bf16 head on AMX tiles that the int8 screen does not cover (a bias) takes its greedy rows' argmax in
 the head's epilogue (`AmxHeadArgmax`), which spares writing a step's logits and reading them back.
@@ -72,29 +72,39 @@ class LogitScreen:
 
 class Int8LogitScreen:
     def __init__(self, head: PackedLinear, weight: Tensor) -> None:
-        """`head`: the bf16 LM head on the AVX-512 kernel or on AMX tiles; `weight`: its `[V, K]`
-        bf16 rows (the exact pass reads them)."""
+        """`head`: the bf16 LM head on the AVX-512 kernel or on AMX tiles, or the fp32 head on the
+        AVX-512 kernel; `weight`: its `[V, K]` rows in its dtype (the exact pass reads them)."""
         self.head = head
-        self.weight = weight.detach().to(torch.bfloat16).contiguous()
-        self.int8 = cpu_kernels.int8_screen_pack(self.weight, amx=head.amx)
+        dtype = torch.bfloat16 if head.amx else head.weight.dtype
+        self.weight = weight.detach().to(dtype).contiguous()
+        # the int8 sums on AMX tiles where the CPU has them (a bf16 head is on them then)
+        amx = head.amx or (dtype == torch.float32 and cpu_kernels.int8_screen_available(amx=True))
+        self.int8 = cpu_kernels.int8_screen_pack(self.weight, amx=amx)
         self.recomputed = 0  # logits recomputed exactly so far (a measure of the screen's work)
 
     @classmethod
     def for_model(cls, model: Transformer) -> Int8LogitScreen | None:
         """A screen for `model`'s LM head where it applies: bf16 on GenMill's AVX-512 kernel or AMX
-        tiles, no bias, an even K, under 2 GiB, a CPU with AVX512_VNNI (and, for AMX, its tiles)."""
+        tiles, or fp32 on the AVX-512 kernel of a CPU with AMX tiles; no bias, an even K for bf16,
+        under 2 GiB, a CPU with AVX512_VNNI and AVX512_BF16."""
         head = _avx512_head(model, torch.bfloat16) or _amx_head(model)
+        if head is None and cpu_kernels.int8_screen_available(amx=True):
+            # an fp32 head only where the copy's sums run on AMX tiles (measured faster than the bf16
+            # copy there; without AMX, where the bf16 copy was measured on a Zen 5, it is not yet)
+            head = _avx512_head(model, torch.float32)
+        if head is None:
+            return None
+        bf16 = head.weight.dtype == torch.bfloat16
         if (
-            head is None
-            or head.in_features % 2
-            or head.out_features * head.in_features * 2 >= 2**31
+            (bf16 and head.in_features % 2)
+            or head.out_features * head.in_features * (2 if bf16 else 4) >= 2**31
             or not cpu_kernels.int8_screen_available(amx=head.amx)
         ):
             return None
         return cls(head, _head_rows(model, head))
 
     def __call__(self, x: Tensor) -> Tensor:
-        """The greedy token of each row of `x [n, K]` (bf16, rows may be strided)."""
+        """The greedy token of each row of `x [n, K]` (the head's dtype, rows may be strided)."""
         ids, counts = cpu_kernels.int8_screened_argmax(x, self.int8, self.weight)
         self.recomputed += int(counts.sum())
         return _full_head_where_unscreened(ids, x, self.head)
@@ -124,10 +134,10 @@ Screen = LogitScreen | Int8LogitScreen | AmxHeadArgmax
 
 
 def for_model(model: Transformer) -> Screen | None:
-    """The greedy pick for `model`'s LM head: fp32 screened from bf16, bf16 screened from int8 (on the
-    AVX-512 kernel or AMX tiles), a bf16 head on AMX tiles with its argmax fused in (where the int8
-    screen does not apply), or None where none applies."""
-    return LogitScreen.for_model(model) or Int8LogitScreen.for_model(model) or AmxHeadArgmax.for_model(model)
+    """The greedy pick for `model`'s LM head: screened from an int8 copy (a bf16 head on the AVX-512
+    kernel or AMX tiles, an fp32 head on an AMX CPU), else an fp32 head screened from a bf16 copy,
+    else a bf16 head on AMX tiles with its argmax fused in, or None where none applies."""
+    return Int8LogitScreen.for_model(model) or LogitScreen.for_model(model) or AmxHeadArgmax.for_model(model)
 
 
 def _full_head_where_unscreened(ids: Tensor, x: Tensor, head: PackedLinear) -> Tensor:

@@ -751,19 +751,26 @@ extern "C" int genmill_layer_norm(int is_bf16, const void* x, const void* res, c
 
 // the vector width this build runs (512: AVX-512, 256: AVX2), for the Python side to report
 // 0: done; 1: not built here (no AVX512_VNNI or AVX512_BF16)
-// amx 0: the int8 copy packed for the AVX-512 head (zlin panels), 1: for the AMX head (amx::blocks);
-// 0: done; 1: not built here (no VNNI and bf16, or amx without AMX tiles)
+// is_bf16: the head's dtype (x and rows alike); amx: the int8 copy packed for amx::blocks (summed on
+// AMX tiles), else for zlin panels (VPDPBUSD). A bf16 head with an AMX copy is a head on AMX tiles
+// (its exact pass on the tiles); the others run on GenMill's AVX-512 kernel. 0: done; 1: not built
+// here (no VNNI and bf16, or amx without AMX tiles)
 extern "C" int genmill_int8_screen(const void* x, int64_t sx, const void* wq, const int32_t* colsum,
                                    const float* scale, const float* scale_max, const float* l1, const float* err2,
-                                   const void* rows, float tiny, int64_t M, int64_t N, int64_t K, int amx,
-                                   int64_t* ids, int64_t* kept) {
+                                   const void* rows, float tiny, int64_t M, int64_t N, int64_t K, int is_bf16,
+                                   int amx, int64_t* ids, int64_t* kept) {
 #ifdef GENMILL_INT8_SCREEN
   const int64_t panel = amx ? 32 : zlin::NR;
-  const i8screen::Head h{(const int8_t*)wq, colsum, scale, scale_max, l1, err2, (const bf16*)rows, tiny, N, K,
-                        (K + 3) / 4 * 4, (N + panel - 1) / panel, panel, std::ldexp(1.0, amx ? -23 : -24)};
-  if (!amx) return i8screen::screened_argmax((const bf16*)x, sx, h, M, ids, kept);
+  // the head's fp32 additions: round to nearest even on the vector units; on AMX tiles, whose order
+  // of additions the ISA leaves open, a bound for any faithful rounding
+  const bool amx_head = is_bf16 && amx;
+  const double unit = std::ldexp(1.0, amx_head ? -23 : -24);
+  const i8screen::Head h{(const int8_t*)wq, colsum, scale, scale_max, l1, err2, rows, tiny, N, K,
+                        (K + 3) / 4 * 4, (N + panel - 1) / panel, panel, unit};
+  if (!is_bf16) return i8screen::screened_argmax((const float*)x, sx, h, M, amx != 0, ids, kept);
+  if (!amx_head) return i8screen::screened_argmax((const bf16*)x, sx, h, M, amx != 0, ids, kept);
 #ifdef GENMILL_AMX
-  return i8screen::amx_screened_argmax((const bf16*)x, sx, h, M, ids, kept);
+  if (amx) return i8screen::amx_screened_argmax((const bf16*)x, sx, h, M, ids, kept);
 #endif
 #endif
   return 1;

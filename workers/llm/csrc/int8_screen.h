@@ -54,13 +54,13 @@ struct Head {
   const float* scale_max;
   const float* l1;
   const float* err2;
-  const bf16* rows;       // the bf16 head, row-major [N, K] (K even): the exact pass reads it
+  const void* rows;       // the head, row-major [N, K] (bf16 with K even, or fp32): the exact pass reads it
   float tiny;             // covers the products VDPBF16PS (or TDPBF16PS) flushes to zero
   int64_t N, K, Kq, NB;  // NB: panels
   int64_t panel;         // columns per panel: zlin::NR (the AVX-512 head) or 32 (the AMX head's blocks)
-  // the unit roundoff of the head's fp32 sums: 2^-24 for VDPBF16PS (round to nearest even); 2^-23
-  // for AMX tiles, whose internal order of additions the ISA leaves open (a bound for any faithful
-  // rounding; the summation term is ~1% of the bound, the quantization's the rest)
+  // the unit roundoff of the head's fp32 sums: 2^-24 for the AVX-512 kernel (VDPBF16PS or FMA, round
+  // to nearest even); 2^-23 for AMX tiles, whose internal order of additions the ISA leaves open (a
+  // bound for any faithful rounding; the summation term is ~1% of the bound, the quantization's the rest)
   double unit;
 };
 
@@ -113,16 +113,25 @@ static inline float threshold(float lo) {
 }
 
 // row i of x as unsigned bytes q + 128 (K padded with 128, whose weights are zero) and its bound terms
-static void quantize(const bf16* x, int64_t sx, const Head& h, int64_t M, uint8_t* xu, Row* rows) {
+static inline float as_float(bf16 v) { return widen(v); }
+static inline float as_float(float v) { return v; }
+
+// the least fp32 value a logit reaching the largest one may have, given a lower bound lo of the
+// largest: the bf16 head rounds its logits (threshold), the fp32 head does not
+static inline float bar_from(float lo, const bf16*) { return threshold(lo); }
+static inline float bar_from(float lo, const float*) { return lo; }
+
+template <typename T>
+static void quantize(const T* x, int64_t sx, const Head& h, int64_t M, uint8_t* xu, Row* rows) {
   const double g = h.K * h.unit / (1 - h.K * h.unit);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < M; ++i) {
-    const bf16* xi = x + i * sx;
+    const T* xi = x + i * sx;
     uint8_t* out = xu + i * h.Kq;
     float amax = 0;
     bool finite = true;
     for (int64_t k = 0; k < h.K; ++k) {
-      const float v = widen(xi[k]);
+      const float v = as_float(xi[k]);
       finite = finite && std::isfinite(v);
       amax = std::max(amax, std::fabs(v));
     }
@@ -132,7 +141,7 @@ static void quantize(const bf16* x, int64_t sx, const Head& h, int64_t M, uint8_
       const float inv = amax > 0 ? 127.0f / amax : 0.0f;
       double q2 = 0;
       for (int64_t k = 0; k < h.K; ++k) {
-        const float q = std::clamp(std::nearbyint(widen(xi[k]) * inv), -127.0f, 127.0f);
+        const float q = std::clamp(std::nearbyint(as_float(xi[k]) * inv), -127.0f, 127.0f);
         out[k] = uint8_t(int(q) + 128);
         q2 += double(q) * q;
       }
@@ -154,7 +163,7 @@ static void quantize(const bf16* x, int64_t sx, const Head& h, int64_t M, uint8_
 static inline __m512 exact(const bf16* x, const Head& h, const int32_t* cols, int n) {
   const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
   const __m512i idx = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(m, cols), _mm512_set1_epi32(int32_t(h.K / 2)));
-  const int32_t* w = reinterpret_cast<const int32_t*>(h.rows);  // K pairs
+  const int32_t* w = static_cast<const int32_t*>(h.rows);  // K pairs
   __m512 acc = _mm512_setzero_ps();
   for (int64_t s = 0; s < h.K / 2; ++s) {
     const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, w + s, 4);
@@ -169,8 +178,8 @@ static inline __m512 exact(const bf16* x, const Head& h, const int32_t* cols, in
 // m0 + r (r < mc) and columns nb * panel + c (c < cols) in the thread that computed them; 0 when
 // done. exact(): a thread's exact pass, exact(xi, cols, n) the head's bf16 logits of row xi for
 // n <= 16 ascending columns (lanes 0..n-1).
-template <typename Sums, typename Exact>
-static int screen(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept, Sums&& sums,
+template <typename T, typename Sums, typename Exact>
+static int screen(const T* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept, Sums&& sums,
                   Exact&& exact) {
   std::vector<uint8_t> xu(M * h.Kq);
   std::vector<Row> rows(M);
@@ -259,7 +268,7 @@ static int screen(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* 
         const float lo = std::fma(top, row.s, -bound(row, h.l1[nb], h.err2[nb], big[nb]));  // one rounding, in e's margins
         if (lo > t.lo[i]) {
           t.lo[i] = lo;
-          t.keep_at[i] = keep_from(row, e_max[i], threshold(lo));
+          t.keep_at[i] = keep_from(row, e_max[i], bar_from(lo, x));
         }
       }
       if (int64_t(keep.size()) > PRUNE_AT) {  // the bar has risen since most of these were kept
@@ -280,7 +289,7 @@ static int screen(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* 
     if (!rows[i].ok) continue;
     float lo = -INFINITY;
     for (const Thread& t : threads) lo = std::max(lo, t.lo[i]);
-    const float bar = threshold(lo), at_least = keep_from(rows[i], e_max[i], bar);
+    const float bar = bar_from(lo, x), at_least = keep_from(rows[i], e_max[i], bar);
     std::vector<int32_t> cols;
     for (const Thread& t : threads)
       for (const Kept& k : t.kept[i]) {
@@ -291,7 +300,7 @@ static int screen(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* 
     kept[i] = int64_t(cols.size());
     if (cols.empty() || kept[i] > MAX_KEPT) continue;
     std::sort(cols.begin(), cols.end());
-    const bf16* xi = x + i * sx;
+    const T* xi = x + i * sx;
     float best = -INFINITY;
     int64_t pick = -1;
     bool nan = false;
@@ -310,20 +319,40 @@ static int screen(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* 
   return 0;
 }
 
-// the screen of a bf16 head on GenMill's AVX-512 kernel (zlin): VPDPBUSD panels, the exact pass
-// VDPBF16PS in the kernel's order
-static int screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept) {
-  const auto sums = [&](const uint8_t* xu, auto&& visit) {
+// the fp32 logits of row x for the columns cols[0..n), n <= 16: the AVX-512 linear's fp32 arithmetic
+// (lscreen::exact, one FMA chain per column in K order)
+static inline __m512 exact(const float* x, const Head& h, const int32_t* cols, int n) {
+  alignas(64) float y[16] = {};
+  const float* w[8];
+  for (int j0 = 0; j0 < n; j0 += 8) {
+    const int m = std::min(8, n - j0);
+    for (int j = 0; j < m; ++j) w[j] = static_cast<const float*>(h.rows) + int64_t(cols[j0 + j]) * h.K;
+    lscreen::exact(x, w, m, h.K, y + j0);
+  }
+  return _mm512_load_ps(y);
+}
+
+// the int8 copy's sums on VPDPBUSD panels (zlin), for a head on GenMill's AVX-512 kernel
+static inline auto panel_sums(const Head& h, int64_t M) {
+  return [&h, M](const uint8_t* xu, auto&& visit) {
     zlin::panels(xu, h.Kq, h.wq, M, h.N, h.Kq, [&](const float* acc, int64_t m0, int64_t mc, int64_t nb, int64_t cols) {
       visit(reinterpret_cast<const int32_t*>(acc), zlin::NR, m0, mc, nb, cols);
     });
     return 0;
   };
-  const auto pass = [&] { return [&](const bf16* xi, const int32_t* cols, int n) { return exact(xi, h, cols, n); }; };
-  return screen(x, sx, h, M, ids, kept, sums, pass);
 }
 
 #ifdef GENMILL_AMX
+// the int8 copy's sums on AMX tiles (TDPBUSD), the copy packed as amx::blocks reads it (blocks of 32
+// columns, K steps of 64 bytes)
+static inline auto tile_sums(const Head& h, int64_t M) {
+  return [&h, M](const uint8_t* xu, auto&& visit) {
+    return amx::blocks(xu, h.Kq, h.wq, M, h.N, h.Kq, [&](const int32_t* c, int64_t row0, int rows, int64_t nb) {
+      visit(c, 32, row0, rows, nb, std::min<int64_t>(32, h.N - nb * 32));
+    });
+  };
+}
+
 // 16 x 16 32-bit values transposed in registers: r[i] lane j <- r[j] lane i
 static inline void transpose16(__m512i r[16]) {
   __m512i t[16];
@@ -375,7 +404,7 @@ class AmxExact {
       std::memset(x_ + h_.K, 0, (steps_ * 32 - h_.K) * sizeof(bf16));
       row_ = xi;
     }
-    const int32_t* w = reinterpret_cast<const int32_t*>(h_.rows);  // K pairs per column
+    const int32_t* w = static_cast<const int32_t*>(h_.rows);  // K pairs per column
     const int64_t pairs = h_.K / 2;
     for (int64_t ks = 0; ks < steps_; ++ks) {
       const __mmask16 m = first(int(std::min<int64_t>(16, pairs - ks * 16)));
@@ -404,17 +433,24 @@ class AmxExact {
   const bf16* row_ = nullptr;
 };
 
-// the screen of a bf16 head on AMX tiles: the int8 copy packed as amx::blocks reads it (blocks of 32
-// columns, K steps of 64 bytes), summed by TDPBUSD; the exact pass on the bf16 tiles (AmxExact)
+// the screen of a bf16 head on AMX tiles: the int8 copy summed on the tiles too, the exact pass on
+// the bf16 tiles (AmxExact)
 static int amx_screened_argmax(const bf16* x, int64_t sx, const Head& h, int64_t M, int64_t* ids, int64_t* kept) {
-  const auto sums = [&](const uint8_t* xu, auto&& visit) {
-    return amx::blocks(xu, h.Kq, h.wq, M, h.N, h.Kq, [&](const int32_t* c, int64_t row0, int rows, int64_t nb) {
-      visit(c, 32, row0, rows, nb, std::min<int64_t>(32, h.N - nb * 32));
-    });
-  };
-  return screen(x, sx, h, M, ids, kept, sums, [&] { return AmxExact(h); });
+  return screen(x, sx, h, M, ids, kept, tile_sums(h, M), [&] { return AmxExact(h); });
 }
 #endif
+
+// the screen of a head on GenMill's AVX-512 kernel (bf16 or fp32), its exact pass the kernel's own
+// arithmetic; `amx`: the int8 copy summed on AMX tiles (packed for amx::blocks), else on VPDPBUSD
+template <typename T>
+static int screened_argmax(const T* x, int64_t sx, const Head& h, int64_t M, bool amx, int64_t* ids, int64_t* kept) {
+  const auto pass = [&] { return [&](const T* xi, const int32_t* cols, int n) { return exact(xi, h, cols, n); }; };
+#ifdef GENMILL_AMX
+  if (amx) return screen(x, sx, h, M, ids, kept, tile_sums(h, M), pass);
+#endif
+  if (amx) return 1;
+  return screen(x, sx, h, M, ids, kept, panel_sums(h, M), pass);
+}
 
 }  // namespace i8screen
 
