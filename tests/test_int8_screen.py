@@ -230,3 +230,40 @@ def test_fp32_greedy_generation_is_unchanged_by_the_int8_screen(tmp_path, arch, 
     assert picks["picked"].recomputed > 0
     assert picks["full head"] is None and picks["module path"] is None
     assert tokens["picked"] == tokens["full head"] == tokens["module path"]
+
+
+def _near_worst_case(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row and a head on which the int8 copy errs by nearly its bound, one way for column 3 and
+    the other way for column 7, whose logits tie (exactly: every product and sum is a multiple of
+    2^-14): the row's values sit on midpoints of its int8 steps (1/128), rounding down on one half
+    and up on the other, and the two columns' weights (exact in int8) follow and oppose those
+    signs. Only a screen that keeps every column within twice the bound of the best lower bound
+    keeps column 3, the first maximum."""
+    k, c = 64, 2.0**-7
+    x = torch.empty(1, k)
+    x[0, 0] = 127 / 128  # the row's largest: its int8 step is 1/128
+    x[0, 1:32] = 2.5 / 128  # rounds half to even: down
+    x[0, 32:] = 1.5 / 128  # up
+    w = torch.randn(12, k, generator=torch.Generator().manual_seed(0)) * 1e-3
+    w[3], w[7] = 0, 0
+    w[3, 1:32], w[3, 32:] = 127 * c, -127 * c  # under-estimated by ~(1/256) |w|_1
+    w[7, 1:32], w[7, 32:], w[7, 0] = -127 * c, 127 * c, 59 * c  # over-estimated as much
+    return x.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("kernel", HEADS)
+def test_a_bf16_tie_the_int8_copy_misjudges_by_nearly_its_bound_still_gives_the_first(monkeypatch, kernel):
+    x, w = _near_worst_case(torch.bfloat16)
+    assert _bf16_argmax(x, w, kernel).item() == 3
+    screen = _screen(w, monkeypatch, kernel)
+    ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
+    assert ids.item() == 3 and kept.item() >= 2
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_an_fp32_tie_the_int8_copy_misjudges_by_nearly_its_bound_still_gives_the_first(monkeypatch, sums):
+    x, w = _near_worst_case(torch.float32)
+    assert _fp32_argmax(x, w).item() == 3
+    screen = _fp32_screen(w, monkeypatch, sums)
+    ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
+    assert ids.item() == 3 and kept.item() >= 2
