@@ -267,3 +267,14 @@ def test_an_fp32_tie_the_int8_copy_misjudges_by_nearly_its_bound_still_gives_the
     screen = _fp32_screen(w, monkeypatch, sums)
     ids, kept = cpu_kernels.int8_screened_argmax(x, screen.int8, screen.weight)
     assert ids.item() == 3 and kept.item() >= 2
+
+
+@pytest.mark.parametrize("kernel", HEADS)
+def test_a_batch_of_rows_over_several_chunks_picks_each_rows_argmax(monkeypatch, kernel):
+    # 300 rows: the AMX sums run them in chunks of 256 (K = 70: 128 bytes a quantized row), the
+    # AVX-512 panels in their own row chunks; every row's bars and kept columns stay its own
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(1500, 70, generator=g) * 0.05).bfloat16()
+    x = torch.randn(300, 70, generator=g).bfloat16()
+    screen = _screen(w, monkeypatch, kernel)
+    assert torch.equal(screen(x), _bf16_argmax(x, w, kernel))
