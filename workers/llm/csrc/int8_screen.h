@@ -353,30 +353,6 @@ static inline auto tile_sums(const Head& h, int64_t M) {
   };
 }
 
-// 16 x 16 32-bit values transposed in registers: r[i] lane j <- r[j] lane i
-static inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 4; ++j) {
-      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
-      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-  }
-}
-
 // The exact pass of a bf16 head on AMX tiles: the kept columns' logits on the tiles themselves, one
 // row against 16 columns at a time, their K steps in order from zero, as amx::linear sums each output
 // (a tile's element depends on its own A row and B column only), so the values are the head's bit
@@ -408,11 +384,11 @@ class AmxExact {
     const int64_t pairs = h_.K / 2;
     for (int64_t ks = 0; ks < steps_; ++ks) {
       const __mmask16 m = first(int(std::min<int64_t>(16, pairs - ks * 16)));
-      __m512i r[16];
+      V16 r[16];  // (32-bit pairs, moved as floats)
       for (int j = 0; j < 16; ++j)
-        r[j] = j < n ? _mm512_maskz_loadu_epi32(m, w + cols[j] * pairs + ks * 16) : _mm512_setzero_si512();
-      transpose16(r);  // row p: pair p of the step, column by column
-      for (int p = 0; p < 16; ++p) _mm512_store_si512(b_ + ks * 256 + p * 16, r[p]);
+        r[j] = j < n ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, w + cols[j] * pairs + ks * 16)) : v_zero();
+      transpose16(r);  // row p: pair p of the step, column by column (vec16.h)
+      for (int p = 0; p < 16; ++p) _mm512_store_ps(b_ + ks * 256 + p * 16, r[p]);
     }
     _tile_zero(0);
     for (int64_t ks = 0; ks < steps_; ++ks) {
