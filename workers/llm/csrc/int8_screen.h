@@ -21,7 +21,7 @@
 // states 55-75 of 32-50 thousand logits per row stay (bench/llm_head_screen.py); a row that keeps
 // more than MAX_KEPT, or has a NaN or infinity, is left to the caller (-1), which runs the bf16 head
 // for it. Measured on a 2-core Xeon, 64 rows, heads from memory: on its AVX-512 units 3.4-3.9x the
-// AVX-512 bf16 head and its argmax; on its AMX tiles 1.4-1.5x the AMX head with its argmax fused in
+// AVX-512 bf16 head and its argmax; on its AMX tiles 1.4-1.6x the AMX head with its argmax fused in
 // for OPT's 50k vocabulary, and about even for Llama's 32k (the sums' epilogue and the exact pass
 // weigh more against a smaller head).
 
