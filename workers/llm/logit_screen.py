@@ -75,7 +75,7 @@ class Int8LogitScreen:
         """`head`: the bf16 LM head on the AVX-512 kernel or on AMX tiles, or the fp32 head on the
         AVX-512 kernel; `weight`: its `[V, K]` rows in its dtype (the exact pass reads them)."""
         self.head = head
-        dtype = torch.bfloat16 if head.amx else head.weight.dtype
+        dtype = head.weight.dtype  # (an AMX head's packed weight is bf16)
         self.weight = weight.detach().to(dtype).contiguous()
         # the int8 sums on AMX tiles where the CPU has them (a bf16 head is on them then)
         amx = head.amx or (dtype == torch.float32 and cpu_kernels.int8_screen_available(amx=True))

@@ -125,7 +125,7 @@ static int blocks(const In* x, int64_t sx, const void* wp, int64_t M, int64_t N,
   const int64_t chunk = std::clamp<int64_t>(CHUNK_BYTES / (Kp * int64_t(sizeof(In))) / 32 * 32, 64, MC);
   const int64_t rows = std::min<int64_t>(M, chunk), Mp = (rows + 31) / 32 * 32;
   // the chunk's rows that the tiles cannot read from x in place, zero-padded to whole tiles (32 rows,
-  // K to Kp): all of them when K is not a multiple of 32, else only a last partial row tile. (A
+  // K to Kp): all of them when K is not a whole number of K steps, else only a last partial row tile. (A
   // copy of every chunk cost up to a third of a prompt-sized linear with few outputs.)
   In* xa = (In*)std::aligned_alloc(64, Mp * Kp * sizeof(In));
   if (xa == nullptr) return 2;

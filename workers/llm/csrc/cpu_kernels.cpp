@@ -749,8 +749,6 @@ extern "C" int genmill_layer_norm(int is_bf16, const void* x, const void* res, c
   return 0;
 }
 
-// the vector width this build runs (512: AVX-512, 256: AVX2), for the Python side to report
-// 0: done; 1: not built here (no AVX512_VNNI or AVX512_BF16)
 // is_bf16: the head's dtype (x and rows alike); amx: the int8 copy packed for amx::blocks (summed on
 // AMX tiles), else for zlin panels (VPDPBUSD). A bf16 head with an AMX copy is a head on AMX tiles
 // (its exact pass on the tiles); the others run on GenMill's AVX-512 kernel. 0: done; 1: not built
@@ -776,6 +774,7 @@ extern "C" int genmill_int8_screen(const void* x, int64_t sx, const void* wq, co
   return 1;
 }
 
+// the vector width this build runs (512: AVX-512, 256: AVX2), for the Python side to report
 extern "C" int genmill_isa() { return GENMILL_ISA; }
 
 // 1 when built with the AMX linear and the OS grants this process the tile registers

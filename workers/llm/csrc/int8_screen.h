@@ -363,7 +363,7 @@ class AmxExact {
   explicit AmxExact(const Head& h)
       : h_(h), steps_((h.K + 31) / 32),
         x_(static_cast<bf16*>(std::aligned_alloc(64, steps_ * 64))),
-        b_(static_cast<int32_t*>(std::aligned_alloc(64, steps_ * 1024))) {
+        b_(static_cast<float*>(std::aligned_alloc(64, steps_ * 1024))) {
     amx::configure_one_row();
   }
   ~AmxExact() {
@@ -405,7 +405,7 @@ class AmxExact {
   const Head& h_;
   const int64_t steps_;
   bf16* const x_;
-  int32_t* const b_;
+  float* const b_;  // B tiles of the step's pairs (bit patterns, held as floats)
   const bf16* row_ = nullptr;
 };
 
